@@ -1,0 +1,177 @@
+"""A seeded, built-in example market: 5-minute OHLC bars with regimes, clustered volatility and fat tails.
+
+The price follows a regime chain. An *impulse* trends; it is followed by a *consolidation* (the price ranges around
+a level) or a *retracement* (a counter-move that gives back part of the impulse); then a new impulse starts.
+Volatility is GARCH(1,1) with Student-t shocks (clusters, fat tails) times an intraday U-shape, so the regimes
+are visible to a model only through noise, as in a real market. The parameters below were set to look like an
+intraday equity series and were not tuned on any downstream result.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+IMPULSE, CONSOLIDATION, RETRACEMENT = 0, 1, 2
+REGIME_NAMES = {IMPULSE: "impulse", CONSOLIDATION: "consolidation", RETRACEMENT: "retracement"}
+
+BARS_PER_DAY = 78  # 09:30 to 16:00 in 5-minute bars
+BAR_MINUTES = 5
+FIRST_DAY = "2015-01-02"
+
+# Volatility: per-bar GARCH(1,1) on log returns, unconditional sd ~ 0.12% per 5-minute bar.
+GARCH_OMEGA, GARCH_ALPHA, GARCH_BETA = 1.44e-6 * 0.02, 0.08, 0.90
+STUDENT_T_DOF = 5.0
+OVERNIGHT_GAP_SD = 0.004
+
+# Regime chain. Drifts are in units of the current bar volatility.
+IMPULSE_BARS = (20, 70)
+IMPULSE_DRIFT = (0.1, 0.45)
+CONSOLIDATION_BARS = (20, 80)
+CONSOLIDATION_PULL = (0.04, 0.15)  # mean reversion towards the range's centre, per bar
+CONSOLIDATION_DRIFT = 0.1  # a range can lean slightly: |drift| up to this
+RETRACEMENT_BARS = (15, 60)
+RETRACEMENT_GIVEBACK = (0.2, 0.65)  # fraction of the previous impulse's move
+P_RETRACEMENT = 0.45  # after an impulse; otherwise a consolidation
+P_CONTINUATION = 0.5  # a new impulse goes the previous impulse's way
+
+
+@dataclass(frozen=True)
+class Market:
+    bars: pd.DataFrame  # timestamp, open, high, low, close, volume
+    regime: np.ndarray  # (n,) int8: IMPULSE | CONSOLIDATION | RETRACEMENT
+    segment_start: np.ndarray  # (n,) int64: index of the first bar of the bar's regime segment
+
+
+def session_timestamps(n_bars: int, first_day: str = FIRST_DAY) -> pd.DatetimeIndex:
+    """Timestamps of `n_bars` consecutive 5-minute bars of weekday sessions, 09:30 to 15:55 (bar open times)."""
+    n_days = -(-n_bars // BARS_PER_DAY)
+    days = pd.bdate_range(first_day, periods=n_days)
+    offsets = pd.to_timedelta(np.arange(BARS_PER_DAY) * BAR_MINUTES + 9 * 60 + 30, unit="min")
+    stamps = (days.values[:, None] + offsets.values[None, :]).ravel()[:n_bars]
+    return pd.DatetimeIndex(stamps)
+
+
+def _intraday_shape() -> np.ndarray:
+    """Volatility is higher at the open and the close of the session (the usual U shape)."""
+    x = np.linspace(-1.0, 1.0, BARS_PER_DAY)
+    shape = 0.75 + 0.6 * x**2
+    return shape / np.sqrt(np.mean(shape**2))
+
+
+def _regime_path(n_bars: int, rng: np.random.Generator):
+    """Per bar: regime, segment start and end (exclusive), and the regime's parameters."""
+    regime = np.empty(n_bars, dtype=np.int8)
+    seg_start = np.empty(n_bars, dtype=np.int64)
+    seg_end = np.empty(n_bars, dtype=np.int64)
+    strength = np.empty(n_bars)  # impulse: signed drift; consolidation: pull; retracement: give-back fraction
+    lean = np.zeros(n_bars)  # consolidation: signed drift
+    t, direction, current = 0, 1.0, IMPULSE
+    while t < n_bars:
+        if current == IMPULSE:
+            length = rng.integers(*IMPULSE_BARS, endpoint=True)
+            direction = direction if rng.random() < P_CONTINUATION else -direction
+            value = direction * rng.uniform(*IMPULSE_DRIFT)
+            following = RETRACEMENT if rng.random() < P_RETRACEMENT else CONSOLIDATION
+        elif current == CONSOLIDATION:
+            length = rng.integers(*CONSOLIDATION_BARS, endpoint=True)
+            value = rng.uniform(*CONSOLIDATION_PULL)
+            lean[t : t + length] = rng.uniform(-CONSOLIDATION_DRIFT, CONSOLIDATION_DRIFT)
+            following = IMPULSE
+        else:
+            length = rng.integers(*RETRACEMENT_BARS, endpoint=True)
+            value = rng.uniform(*RETRACEMENT_GIVEBACK)
+            following = IMPULSE
+        end = min(n_bars, t + length)
+        regime[t:end] = current
+        seg_start[t:end] = t
+        seg_end[t:end] = end
+        strength[t:end] = value
+        t, current = end, following
+    return regime, seg_start, seg_end, strength, lean
+
+
+def generate_market(n_bars: int, seed: int, start_price: float = 100.0) -> Market:
+    """Generate `n_bars` bars. Pure: the same (n_bars, seed) always gives the same market."""
+    rng = np.random.default_rng([seed, 0x6D6F6F6C61])  # "moola"
+    regime, seg_start, seg_end, strength, lean = _regime_path(n_bars, rng)
+    shocks = rng.standard_t(STUDENT_T_DOF, n_bars) / np.sqrt(STUDENT_T_DOF / (STUDENT_T_DOF - 2.0))
+    intraday = np.tile(_intraday_shape(), -(-n_bars // BARS_PER_DAY))[:n_bars]
+    new_day = (np.arange(n_bars) % BARS_PER_DAY) == 0
+    gaps = rng.normal(0.0, OVERNIGHT_GAP_SD, n_bars) * new_day
+    wick_up = np.abs(rng.normal(0.0, 0.6, n_bars))
+    wick_down = np.abs(rng.normal(0.0, 0.6, n_bars))
+
+    log_close = np.empty(n_bars)
+    log_open = np.empty(n_bars)
+    bar_sd = np.empty(n_bars)
+    variance = GARCH_OMEGA / (1.0 - GARCH_ALPHA - GARCH_BETA)
+    last_shock, level = 0.0, np.log(start_price)
+    anchor, impulse_start_level, pace = level, level, 0.0
+    for t in range(n_bars):
+        # GARCH is sequential by nature: the variance depends on yesterday's shock.
+        variance = GARCH_OMEGA + GARCH_ALPHA * last_shock**2 + GARCH_BETA * variance
+        sd = np.sqrt(variance) * intraday[t]
+        open_ = level + gaps[t]
+        if seg_start[t] == t:  # a new segment starts here
+            if regime[t] == IMPULSE:
+                impulse_start_level = open_
+            else:
+                anchor = open_
+                # A retracement walks back its share of the impulse at a steady pace over its length.
+                pace = -strength[t] * (open_ - impulse_start_level) / (seg_end[t] - t)
+        if regime[t] == IMPULSE:
+            drift = strength[t] * sd
+        elif regime[t] == CONSOLIDATION:
+            drift = -strength[t] * (open_ - anchor) + lean[t] * sd
+        else:
+            drift = pace
+        ret = drift + sd * shocks[t]
+        log_open[t], log_close[t], bar_sd[t] = open_, open_ + ret, sd
+        # Volatility reacts to surprises, not to the regime's own drift.
+        last_shock, level = sd * shocks[t] + gaps[t], open_ + ret
+
+    high = np.maximum(log_open, log_close) + wick_up * bar_sd
+    low = np.minimum(log_open, log_close) - wick_down * bar_sd
+    volume = np.round(1e5 * intraday * (1.0 + np.abs(shocks)) * rng.lognormal(0.0, 0.3, n_bars)).astype(np.int64)
+    bars = pd.DataFrame(
+        {
+            "timestamp": session_timestamps(n_bars),
+            "open": np.exp(log_open),
+            "high": np.exp(high),
+            "low": np.exp(low),
+            "close": np.exp(log_close),
+            "volume": volume,
+        }
+    )
+    return Market(bars=bars, regime=regime, segment_start=seg_start)
+
+
+def pick_labeled_ends(
+    market: Market, first_bar: int, n_windows: int, window: int, min_final_segment: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Choose `n_windows` non-overlapping windows from `first_bar` on, each ending inside a consolidation or a
+    retracement with at least `min_final_segment` of its bars visible. The end is drawn uniformly within the
+    segment, so the model cannot rely on where the segment starts. Returns (start indices, labels 0/1)."""
+    rng = np.random.default_rng([seed, 0x6C6162656C])  # "label"
+    regime, seg_start = market.regime, market.segment_start
+    n = len(regime)
+    starts, labels = [], []
+    next_free = first_bar
+    boundaries = np.flatnonzero(np.diff(seg_start, prepend=-1))
+    seg_ends = np.append(boundaries[1:], n) - 1  # last bar of each segment
+    for b, seg_end in zip(boundaries, seg_ends):
+        if len(starts) == n_windows:
+            break
+        if regime[b] == IMPULSE or seg_end < first_bar:
+            continue
+        lo = max(b + min_final_segment - 1, next_free + window - 1)
+        if lo > seg_end:
+            continue
+        end = int(rng.integers(lo, seg_end, endpoint=True))
+        starts.append(end - window + 1)
+        labels.append(0 if regime[b] == CONSOLIDATION else 1)
+        next_free = end + 1
+    return np.asarray(starts, dtype=np.int64), np.asarray(labels, dtype=np.int64)
