@@ -1,0 +1,123 @@
+"""The `moola` command: the laptop tour, the results table, and the parallel runner.
+
+    moola tour       run the whole pipeline at a small scale through `dvc exp run`, then print the results
+    moola report     print the results table from the metrics files in the workspace
+    moola parallel   the five pretraining experiments concurrently, then the rest (see moola.parallel)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from moola.errors import MoolaError, run_main
+from moola.params import CLASS_NAMES, load_params
+
+# The tour: about 2% of the windows and 8% of the epochs (6 epochs for exp1), a few minutes on 2 CPU cores.
+TOUR_SET = {
+    "scale.windows": "0.02",
+    "scale.epochs": "0.08",
+    "pretrain.batch_size": "128",
+    "finetune.seeds": "[1337,1338]",
+}
+
+
+def _load(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def _pct(x: float | None) -> str:
+    return "   -  " if x is None else f"{100 * x:5.1f}%"
+
+
+def report(root: Path = Path(".")) -> str:
+    """The results as a plain-text table (pretraining, selection, fine-tuning, ablation)."""
+    p = load_params(root / "params.yaml")
+    lines = ["Pretraining (validation loss = masked-step MSE on held-out windows)"]
+    lines.append(f"  {'experiment':<20} {'mask':<7} {'epochs':>6} {'best val':>10} {'final val':>10}")
+    for exp in p.experiments:
+        m = _load(root / f"metrics/pretrain/{exp}.json")
+        if m is None:
+            lines.append(f"  {exp:<20} (not run)")
+            continue
+        lines.append(
+            f"  {exp:<20} {m['mask']:<7} {m['epochs_run']:>6} {m['best_val_loss']:>10.5f} {m['final_val_loss']:>10.5f}"
+        )
+    chosen = _load(root / "metrics/select.json")
+    if chosen:
+        lines.append(f"Selected encoder: {chosen.get('selected')}")
+    ft = _load(root / "metrics/finetune.json")
+    header = f"  {'model':<26} {'accuracy':>9} {'balanced':>9} {'recall c0':>10} {'recall c1':>10} {'MCC':>6}"
+    lines += ["", "Fine-tuning, out of fold (mean over seeds; c0 consolidation, c1 retracement)", header]
+
+    def row(name: str, m: dict | None) -> str:
+        if not m:
+            return f"  {name:<26} (not run)"
+        get = lambda k: (m.get(k) or {}).get("mean") if isinstance(m.get(k), dict) else m.get(k)  # noqa: E731
+        mcc = get("mcc")
+        return (
+            f"  {name:<26} {_pct(get('accuracy')):>9} {_pct(get('balanced_accuracy')):>9} "
+            f"{_pct(get('recall_' + CLASS_NAMES[0])):>10} {_pct(get('recall_' + CLASS_NAMES[1])):>10} "
+            f"{'  -' if mcc is None else f'{mcc:6.3f}'}"
+        )
+
+    if ft:
+        for init in ("pretrained", "scratch", "logreg", "majority"):
+            lines.append(row(init, ft.get(init)))
+        lift = ft.get("lift", {}).get("accuracy")
+        if lift:
+            lines.append(
+                f"  lift (pretrained - scratch accuracy): {100 * lift['mean']:+.1f} points, "
+                f"95% CI [{100 * lift['ci_low']:+.1f}, {100 * lift['ci_high']:+.1f}]"
+                + (" - inside the noise" if lift.get("inside_noise") else "")
+            )
+    else:
+        lines.append("  (not run)")
+    ablation = [(exp, _load(root / f"metrics/ablation/{exp}.json")) for exp in p.experiments]
+    if any(m for _, m in ablation):
+        lines += ["", "Ablation: the same fine-tuning from each encoder", header]
+        lines += [row(f"from {exp}", (m or {}).get("pretrained")) for exp, m in ablation]
+    return "\n".join(lines)
+
+
+def tour(extra: list[str]) -> None:
+    sets = [arg for key, value in TOUR_SET.items() for arg in ("-S", f"{key}={value}")]
+    cmd = ["dvc", "exp", "run", *sets, *extra]
+    print("$ " + " ".join(cmd), flush=True)
+    code = subprocess.call(cmd)
+    if code != 0:
+        raise SystemExit(code)
+    print()
+    print(report())
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="moola", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("tour", help="the whole pipeline at a small scale via `dvc exp run`, then the results")
+    t.add_argument("dvc_args", nargs=argparse.REMAINDER, help="passed on to `dvc exp run` (e.g. -S mask=random)")
+    sub.add_parser("report", help="print the results table from the workspace's metrics")
+    par = sub.add_parser("parallel", help="run the five pretraining experiments concurrently, then the rest")
+    par.add_argument("rest", nargs=argparse.REMAINDER)
+    args = parser.parse_args(argv)
+    if args.command == "tour":
+        run_main(lambda: tour(args.dvc_args))
+    elif args.command == "report":
+        run_main(lambda: print(report()))
+    else:
+        from moola import parallel
+
+        sys.argv = ["moola parallel", *args.rest]
+        parallel.main()
+
+
+if __name__ == "__main__":
+    main()
+
+__all__ = ["main", "report", "tour", "MoolaError"]
