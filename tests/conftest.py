@@ -19,8 +19,9 @@ COPIED = ["src", "params.yaml", "dvc.yaml", "pyproject.toml", ".dvcignore", ".gi
 # Small enough for seconds per stage on 2 cores, large enough that every stage has real work.
 TINY = {
     "scale": {"windows": 0.006, "epochs": 0.04},  # 71 unlabeled windows; 3/2/4/3/3 pretraining epochs
-    "pretrain": {"batch_size": 32, "hidden_size": 128},
-    "finetune": {"seeds": [1337], "epochs": 50, "freeze_epochs": 25, "bootstrap": 200},  # scaled: 2 epochs, 1 frozen
+    # One thread: the suite shares 2 cores with itself, and oversubscribed torch threads crawl.
+    "pretrain": {"batch_size": 32, "hidden_size": 128, "threads": 1},
+    "finetune": {"seeds": [1337], "epochs": 50, "freeze_epochs": 25, "bootstrap": 200, "threads": 1},  # 2 epochs, 1 frozen
 }
 
 

@@ -1,0 +1,44 @@
+"""Where training runs: the best accelerator present, or the one params.yaml asks for."""
+
+from __future__ import annotations
+
+import torch
+
+from moola.errors import ParamsError
+
+
+def _mps_available() -> bool:
+    mps = getattr(torch.backends, "mps", None)
+    return bool(mps is not None and mps.is_available())
+
+
+def pick_device(requested: str = "auto", key: str = "pretrain.device") -> torch.device:
+    """"auto" -> cuda, then mps, then cpu; a named device that is absent is a ParamsError naming `key`."""
+    if requested == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if _mps_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": _mps_available()}
+    if requested not in available:
+        raise ParamsError(f"params.yaml: {key} must be one of auto, cpu, cuda, mps, got {requested!r}")
+    if not available[requested]:
+        raise ParamsError(f"params.yaml: {key} is '{requested}' but this machine has no {requested} device (use auto or cpu)")
+    return torch.device(requested)
+
+
+def use_threads(device: torch.device, threads: int) -> None:
+    """Fix torch's CPU threads on the CPU: results then do not depend on the size of the machine."""
+    if device.type == "cpu":
+        torch.set_num_threads(threads)
+
+
+def describe(device: torch.device) -> str:
+    """The device for a log line: 'cuda (NVIDIA H100 80GB HBM3)', 'mps', 'cpu (2 threads)'."""
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    if device.type == "cpu":
+        threads = torch.get_num_threads()
+        return f"cpu ({threads} thread{'s' if threads != 1 else ''})"
+    return device.type

@@ -1,0 +1,166 @@
+"""The masked autoencoder that pretrains the encoder, and the encoder checkpoint format shared by every stage.
+
+Checkpoint (`torch.save` dict, loadable with `torch.load(path, weights_only=True)`):
+  {"format": "moola-encoder/1", "state_dict": <the nn.LSTM's own state_dict>, "hyperparams": {...},
+   "training": {"best_val_loss", "best_epoch", "epochs_run"}}
+"""
+
+from __future__ import annotations
+
+import pickle
+import re
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from moola import io
+from moola.errors import CheckpointError
+
+CHECKPOINT_FORMAT = "moola-encoder/1"
+REQUIRED_HYPERPARAMS = ("input_size", "hidden_size", "num_layers", "bidirectional")
+REQUIRED_TRAINING = ("best_val_loss", "best_epoch", "epochs_run")
+
+
+class BiLSTMMaskedAutoencoder(nn.Module):
+    """Bidirectional LSTM encoder + small MLP decoder, trained to reconstruct masked time steps.
+
+    Masked input steps are replaced by a learnable mask token, so the encoder cannot see what it must rebuild.
+    """
+
+    def __init__(self, input_size: int = 4, hidden_size: int = 128, num_layers: int = 1, decoder_hidden: int = 64):
+        super().__init__()
+        self.encoder = nn.LSTM(
+            input_size, hidden_size, num_layers=num_layers, batch_first=True, bidirectional=True
+        )
+        self.mask_token = nn.Parameter(torch.zeros(input_size))
+        self.decoder = nn.Sequential(
+            nn.Linear(2 * hidden_size, decoder_hidden), nn.GELU(), nn.Linear(decoder_hidden, input_size)
+        )
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """x (batch, steps, features), mask (batch, steps) bool -> reconstruction (batch, steps, features)."""
+        x = torch.where(mask.unsqueeze(-1), self.mask_token.to(x.dtype), x)
+        encoded, _ = self.encoder(x)
+        return self.decoder(encoded)
+
+
+def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean squared error over the masked steps only (all features); unmasked steps do not count at all."""
+    # Indexing (not multiplying by the mask) keeps a non-finite value at an unmasked step out of the loss.
+    return (pred[mask].float() - target[mask].float()).pow(2).mean()
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+# --- checkpoint ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EncoderCheckpoint:
+    state_dict: dict[str, torch.Tensor]
+    hyperparams: dict[str, Any]
+    training: dict[str, Any]
+
+
+def make_encoder(hyperparams: dict[str, Any]) -> nn.LSTM:
+    """An (untrained) nn.LSTM with the checkpoint's architecture."""
+    return nn.LSTM(
+        hyperparams["input_size"],
+        hyperparams["hidden_size"],
+        num_layers=hyperparams["num_layers"],
+        batch_first=True,
+        bidirectional=hyperparams["bidirectional"],
+    )
+
+
+def save_encoder_checkpoint(
+    path: str | Path, model: nn.Module, hyperparams: dict[str, Any], training: dict[str, Any]
+) -> None:
+    """Write the encoder of `model` (a BiLSTMMaskedAutoencoder or an nn.LSTM) atomically, in the shared format."""
+    encoder = model.encoder if isinstance(model, BiLSTMMaskedAutoencoder) else model
+    if not isinstance(encoder, nn.LSTM):
+        raise TypeError(f"expected a BiLSTMMaskedAutoencoder or an nn.LSTM, got {type(model).__name__}")
+    for key in REQUIRED_HYPERPARAMS:
+        if key not in hyperparams:
+            raise ValueError(f"hyperparams lack '{key}'")
+    state_dict = {k: v.detach().to("cpu", torch.float32).contiguous().clone() for k, v in encoder.state_dict().items()}
+    io.write_torch(
+        path,
+        {
+            "format": CHECKPOINT_FORMAT,
+            "state_dict": state_dict,
+            "hyperparams": dict(hyperparams),
+            "training": dict(training),
+        },
+    )
+
+
+def _shape(t: Any) -> str:
+    return "(" + ", ".join(str(d) for d in t) + ")"
+
+
+def load_encoder_checkpoint(path: str | Path, expect_hidden: int | None = None) -> EncoderCheckpoint:
+    """Read and verify an encoder checkpoint; any problem is a CheckpointError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: encoder checkpoint not found")
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
+        what = f"a {found.group(1)} object" if found else "objects"
+        raise CheckpointError(
+            f"{path}: not a moola encoder checkpoint (holds {what}, which weights_only loading refuses)"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
+        first = str(exc).strip().split(". ")[0] or type(exc).__name__
+        raise CheckpointError(f"{path}: unreadable or truncated checkpoint ({first})") from None
+    if not isinstance(raw, dict) or raw.get("format") != CHECKPOINT_FORMAT:
+        found = raw.get("format") if isinstance(raw, dict) else type(raw).__name__
+        raise CheckpointError(f"{path}: format is {found!r}, expected {CHECKPOINT_FORMAT!r}")
+    for key, kind in (("state_dict", dict), ("hyperparams", dict), ("training", dict)):
+        if not isinstance(raw.get(key), kind):
+            raise CheckpointError(f"{path}: field '{key}' missing or not a mapping")
+    hyperparams, training, state_dict = raw["hyperparams"], raw["training"], raw["state_dict"]
+    for key in REQUIRED_HYPERPARAMS:
+        if key not in hyperparams:
+            raise CheckpointError(f"{path}: hyperparams lack '{key}' (found: {', '.join(map(str, hyperparams))})")
+    for key in REQUIRED_TRAINING:
+        if key not in training:
+            raise CheckpointError(f"{path}: training lacks '{key}'")
+
+    arch = {k: hyperparams[k] for k in REQUIRED_HYPERPARAMS}
+    hidden = hyperparams["hidden_size"]
+    if expect_hidden is not None and hidden != expect_hidden:
+        found = state_dict.get("weight_hh_l0")
+        found_shape = _shape(found.shape) if isinstance(found, torch.Tensor) else "none"
+        raise CheckpointError(
+            f"{path}: encoder hidden_size is {hidden}, expected {expect_hidden} "
+            f"(weight_hh_l0 expected shape {_shape((4 * expect_hidden, expect_hidden))}, found {found_shape}); "
+            f"checkpoint architecture: {arch}"
+        )
+    try:
+        expected = {k: tuple(v.shape) for k, v in make_encoder(hyperparams).state_dict().items()}
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{path}: hyperparams {arch} do not describe an LSTM ({exc})") from None
+    missing = sorted(set(expected) - set(state_dict))
+    extra = sorted(set(state_dict) - set(expected))
+    if missing or extra:
+        raise CheckpointError(
+            f"{path}: state_dict keys do not match the architecture {arch}: "
+            f"missing {missing or 'none'}, unexpected {extra or 'none'}"
+        )
+    for key, shape in expected.items():
+        tensor = state_dict[key]
+        if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != shape:
+            found = _shape(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+            raise CheckpointError(
+                f"{path}: {key} has shape {found}, expected {_shape(shape)} for the architecture {arch}"
+            )
+    return EncoderCheckpoint(state_dict=dict(state_dict), hyperparams=dict(hyperparams), training=dict(training))

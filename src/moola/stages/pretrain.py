@@ -1,0 +1,173 @@
+"""Stage pretrain@<experiment>: unlabeled windows (augmented training split, plain validation split) -> encoder.
+
+    python -m moola.stages.pretrain --experiment exp1_baseline --augmented data/augmented/warp12_x4.npy
+
+Writes data/pretrained/<exp>_encoder.pt, metrics/pretrain/<exp>.json, plots/pretrain/<exp>.csv and (not a DVC
+output) metrics/runtime/pretrain_<exp>.json. A run that is killed resumes from .moola/resume/pretrain/<exp>.pt
+when started again with the same params and data, and ends with the same bytes as an uninterrupted one.
+Imports neither dvc nor dvclive: a GPU box needs only torch, numpy, pandas, pyarrow, pyyaml and tqdm.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from moola import io
+from moola.device import describe, pick_device, use_threads
+from moola.errors import DataError, ParamsError, run_main
+from moola.models import count_parameters, save_encoder_checkpoint
+from moola.params import FEATURES, PARAMS_FILE, load_params
+from moola.pretraining import (
+    PretrainResult,
+    encoder_hyperparams,
+    file_digest,
+    log_line,
+    pretrain,
+    resume_fingerprint,
+    resume_path_for,
+)
+from moola.stages.prepare import UNLABELED
+from moola.windows import read_windows
+
+
+def encoder_path(experiment: str) -> str:
+    return f"data/pretrained/{experiment}_encoder.pt"
+
+
+def metrics_path(experiment: str) -> str:
+    return f"metrics/pretrain/{experiment}.json"
+
+
+def plots_path(experiment: str) -> str:
+    return f"plots/pretrain/{experiment}.csv"
+
+
+def runtime_path(experiment: str) -> str:
+    return f"metrics/runtime/pretrain_{experiment}.json"
+
+
+def load_augmented(path: Path, rows: int, window: int, recipe: str) -> np.ndarray:
+    """The augmented training array, memory-mapped, checked against the prepared file it was made from."""
+    if not path.is_file():
+        raise DataError(f"{path}: not found (run `dvc repro augment@{recipe}` first)")
+    try:
+        array = np.load(path, mmap_mode="r")
+    except Exception as exc:  # numpy raises several types for a truncated or foreign file
+        raise DataError(f"{path}: not a readable .npy array ({type(exc).__name__}: {exc})") from None
+    expected = (rows, window, len(FEATURES))
+    if array.dtype != np.float32 or array.shape != expected:
+        raise DataError(
+            f"{path}: holds {array.dtype} {array.shape}, expected float32 {expected} (the prepared training split "
+            f"x (1 + multiplier)); it is stale: run `dvc repro augment@{recipe}`"
+        )
+    return array
+
+
+def metrics(result: PretrainResult, experiment) -> dict:
+    _, final_train, final_val = result.history[-1]
+    return {
+        "experiment": experiment.name,
+        "mask": experiment.mask,
+        "best_val_loss": result.best_val_loss,
+        "best_epoch": result.best_epoch,
+        "final_val_loss": final_val,
+        "final_train_loss": final_train,
+        "epochs_run": result.epochs_run,
+        "epochs_planned": result.epochs_planned,
+        "train_samples": result.train_samples,
+        "val_samples": result.val_samples,
+        "batches_per_epoch": result.batches_per_epoch,
+        "parameters": count_parameters(result.model),
+        "encoder_parameters": count_parameters(result.model.encoder),
+    }
+
+
+def plot_csv(result: PretrainResult) -> str:
+    rows = ["epoch,train_loss,val_loss"] + [f"{e},{t!r},{v!r}" for e, t, v in result.history]
+    return "\n".join(rows) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--experiment", required=True, help="a key of experiments in params.yaml")
+    parser.add_argument("--augmented", required=True, help="data/augmented/<recipe>.npy of the experiment's recipe")
+    args = parser.parse_args(argv)
+
+    p = load_params()
+    exp = p.experiment(args.experiment)
+    augmented = Path(args.augmented)
+    if augmented.stem != exp.train.augment:
+        source = f"experiments.{exp.name}.augment" if "augment" in p.experiments[exp.name] else "pretrain.augment"
+        raise ParamsError(
+            f"dvc.yaml and {PARAMS_FILE} disagree: stage pretrain@{exp.name} passes --augmented {augmented} "
+            f"(recipe '{augmented.stem}') but {PARAMS_FILE} {source} is '{exp.train.augment}'; edit dvc.yaml, "
+            f"stages.pretrain.foreach.{exp.name}.augment, to '{exp.train.augment}'"
+        )
+
+    windows = read_windows(UNLABELED)
+    if windows.split is None:
+        raise DataError(f"{UNLABELED}: no 'split' column (expected the unlabeled windows file)")
+    if windows.values.shape[1] != p.data.window:
+        raise DataError(
+            f"{UNLABELED}: windows of {windows.values.shape[1]} bars, expected data.window={p.data.window} "
+            "(stale: run `dvc repro prepare`)"
+        )
+    is_train = windows.split == "train"
+    n_train = int(is_train.sum())
+    val = windows.values[windows.split == "val"]
+    train = load_augmented(augmented, n_train * (1 + exp.recipe.multiplier), p.data.window, exp.train.augment)
+    for name, array in ((augmented, train), (UNLABELED, val)):
+        if not np.isfinite(array).all():
+            raise DataError(f"{name}: holds NaN or infinite values (expected finite normalised prices)")
+    if len(val) == 0:
+        raise DataError(f"{UNLABELED}: no validation windows (raise data.val_fraction or scale.windows)")
+
+    device = pick_device(exp.train.device)
+    use_threads(device, exp.train.threads)
+    batches = math.ceil(len(train) / exp.train.batch_size)
+    log_line(
+        f"Loaded {len(windows):,} unlabeled windows ({n_train:,} train, {len(val):,} validation); "
+        f"{len(train):,} training samples after augmentation; {batches:,} batches per epoch; "
+        f"device {describe(device)}"
+    )
+    log_line(
+        f"{exp.name}: {exp.epochs} epochs, mask {exp.mask} {exp.train.mask_ratio:g}, recipe {exp.train.augment}, "
+        f"precision {exp.train.precision}"
+    )
+
+    fingerprint = resume_fingerprint(
+        exp, p.seed, {UNLABELED: file_digest(UNLABELED), str(augmented): file_digest(augmented)}, device.type
+    )
+    resume = resume_path_for(exp.name)
+    result = pretrain(train, val, exp, p.seed, device=device, resume_path=resume, fingerprint=fingerprint)
+
+    save_encoder_checkpoint(
+        encoder_path(exp.name), result.model, encoder_hyperparams(exp, p.data.window), result.training
+    )
+    io.write_json(metrics_path(exp.name), metrics(result, exp))
+    io.write_text(plots_path(exp.name), plot_csv(result))
+    io.write_json(
+        runtime_path(exp.name),
+        {
+            "seconds": round(result.seconds, 3),
+            "samples_per_second": round(result.samples_per_second, 1),
+            "device": result.device,
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "precision": result.precision,
+        },
+    )
+    resume.unlink(missing_ok=True)
+    log_line(
+        f"{exp.name}: best val loss {result.best_val_loss:.6f} at epoch {result.best_epoch} of "
+        f"{result.epochs_run}; wrote {encoder_path(exp.name)} ({Path(encoder_path(exp.name)).stat().st_size:,} bytes)"
+    )
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,190 @@
+"""The pretraining loop at a tiny scale: determinism, divergence, early stopping, and exact resume after a kill."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from moola.device import pick_device
+from moola.errors import ParamsError, TrainingDiverged
+from moola.models import load_encoder_checkpoint, save_encoder_checkpoint
+from moola.params import Experiment
+from moola.pretraining import encoder_hyperparams, pretrain, resume_fingerprint
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+# Shared by the tests and by the driver script the kill test runs in a subprocess.
+COMMON = '''
+import numpy as np
+from moola.params import AugmentRecipe, Experiment, PretrainParams
+
+
+def tiny_windows(n, window=24, seed=0):
+    """Random-walk OHLC-like windows, min-max normalised per window, float32 (n, window, 4)."""
+    rng = np.random.default_rng(seed)
+    close = np.cumsum(rng.normal(size=(n, window, 1)), axis=1)
+    x = close + rng.normal(scale=0.3, size=(n, window, 4))
+    low, high = x.min(axis=(1, 2), keepdims=True), x.max(axis=(1, 2), keepdims=True)
+    return ((x - low) / (high - low)).astype(np.float32)
+
+
+def tiny_experiment(epochs=2, mask="patch", **overrides):
+    train = dict(epochs=epochs, hidden_size=8, decoder_hidden=8, batch_size=16, patch_size=4, device="cpu",
+                 learning_rate=1e-2, threads=1)
+    train.update(overrides)
+    return Experiment("exp_tiny", mask, PretrainParams(**train), epochs, AugmentRecipe(0.12, 4))
+'''
+exec(COMMON)
+
+DRIVER = COMMON + '''
+import sys
+from moola.models import save_encoder_checkpoint
+from moola.pretraining import encoder_hyperparams, pretrain
+
+out, resume, epochs = sys.argv[1], sys.argv[2], int(sys.argv[3])
+exp = tiny_experiment(epochs=epochs)
+result = pretrain(tiny_windows(64), tiny_windows(12, seed=1), exp, 7, resume_path=resume, fingerprint="driver")
+save_encoder_checkpoint(out, result.model, encoder_hyperparams(exp, 24), result.training)
+'''
+
+
+def quiet(_: str) -> None:
+    pass
+
+
+def train_and_save(path: Path, exp: Experiment, seed: int = 7, **kwargs) -> str:
+    kwargs.setdefault("log", quiet)
+    result = pretrain(tiny_windows(64), tiny_windows(12, seed=1), exp, seed, **kwargs)
+    save_encoder_checkpoint(path, result.model, encoder_hyperparams(exp, 24), result.training)
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("mask", ["random", "block", "patch"])
+def test_same_params_same_encoder_bytes(tmp_path, mask):
+    exp = tiny_experiment(mask=mask)
+    first = train_and_save(tmp_path / "a.pt", exp)
+    assert first == train_and_save(tmp_path / "b.pt", exp)
+    assert first != train_and_save(tmp_path / "c.pt", exp, seed=8)
+
+
+def test_result_reports_history_and_best_epoch(tmp_path):
+    lines: list[str] = []
+    result = pretrain(tiny_windows(64), tiny_windows(12, seed=1), tiny_experiment(epochs=3), 7, log=lines.append)
+    assert [e for e, _, _ in result.history] == [1, 2, 3]
+    assert all(np.isfinite([t for _, t, _ in result.history] + [v for _, _, v in result.history]))
+    assert result.best_val_loss == min(v for _, _, v in result.history)
+    assert result.history[result.best_epoch - 1][2] == result.best_val_loss
+    assert (result.train_samples, result.val_samples, result.batches_per_epoch) == (64, 12, 4)
+    assert len(lines) == 3 and "epoch 1/3" in lines[0] and "val loss" in lines[0] and "samples/s" in lines[0]
+    assert result.history[-1][2] < result.history[0][2]  # it learns
+
+
+def test_non_finite_loss_stops_training_with_one_line(tmp_path):
+    # An absurd learning rate throws the weights to ~1e30 after one step: the squared error overflows.
+    exp = tiny_experiment(learning_rate=1e30)
+    resume = tmp_path / "resume.pt"
+    with pytest.raises(TrainingDiverged) as err:
+        pretrain(tiny_windows(64), tiny_windows(12, seed=1), exp, 7, log=quiet, resume_path=resume)
+    message = str(err.value)
+    assert "exp_tiny" in message and "epoch 1" in message and "\n" not in message
+    assert not resume.exists()
+
+
+def test_early_stopping(tmp_path):
+    # A learning rate far below float32 resolution leaves the weights unchanged: no epoch beats the first.
+    result = pretrain(
+        tiny_windows(64), tiny_windows(12, seed=1),
+        tiny_experiment(epochs=6, learning_rate=1e-30, early_stopping_patience=2), 7, log=quiet,
+    )
+    assert result.epochs_run == 3 and result.best_epoch == 1 and result.epochs_planned == 6
+
+
+def test_resume_from_a_checkpoint_and_discard_a_stale_one(tmp_path):
+    exp = tiny_experiment(epochs=3)
+    reference = train_and_save(tmp_path / "ref.pt", exp)
+    resume = tmp_path / "resume" / "exp_tiny.pt"
+    # A run with 2 of the same 3 epochs leaves the state of epoch 2 behind (as a killed run would).
+    two = tiny_experiment(epochs=3)
+    two = Experiment(two.name, two.mask, two.train, 2, two.recipe)
+    pretrain(tiny_windows(64), tiny_windows(12, seed=1), two, 7, log=quiet, resume_path=resume, fingerprint="f")
+    assert torch.load(resume, weights_only=True)["epoch"] == 2
+    lines: list[str] = []
+    assert train_and_save(tmp_path / "resumed.pt", exp, resume_path=resume, fingerprint="f", log=lines.append) == reference
+    assert any("Resuming" in line and "epoch 2" in line for line in lines)
+    assert sum("epoch 3/3" in line for line in lines) == 1 and not any("epoch 2/3" in line for line in lines)
+    # Another fingerprint (other params or data): the checkpoint is discarded and training starts over.
+    lines.clear()
+    assert train_and_save(tmp_path / "fresh.pt", exp, resume_path=resume, fingerprint="other", log=lines.append) == reference
+    assert any("Discarding stale" in line for line in lines) and any("epoch 1/3" in line for line in lines)
+
+
+def test_fingerprint_changes_with_params_and_data():
+    exp = tiny_experiment()
+    base = resume_fingerprint(exp, 7, {"a": "1:x"}, "cpu")
+    assert base == resume_fingerprint(tiny_experiment(), 7, {"a": "1:x"}, "cpu")
+    assert base != resume_fingerprint(tiny_experiment(learning_rate=0.02), 7, {"a": "1:x"}, "cpu")
+    assert base != resume_fingerprint(exp, 8, {"a": "1:x"}, "cpu")
+    assert base != resume_fingerprint(exp, 7, {"a": "1:y"}, "cpu")
+
+
+def run_driver(tmp_path: Path, out: Path, resume: Path, epochs: int) -> subprocess.Popen:
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    env = {**os.environ, "PYTHONPATH": str(SRC)}
+    return subprocess.Popen(
+        [sys.executable, str(driver), str(out), str(resume), str(epochs)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+
+
+def test_killed_run_resumes_to_identical_bytes(tmp_path):
+    epochs = 40
+    resume = tmp_path / "resume" / "exp_tiny.pt"
+    killed = run_driver(tmp_path, tmp_path / "never.pt", resume, epochs)
+    deadline = time.monotonic() + 120
+    while not resume.exists():  # the checkpoint of epoch 1 appears
+        assert killed.poll() is None, killed.stdout.read()
+        assert time.monotonic() < deadline, "no resume checkpoint within 120 s"
+        time.sleep(0.005)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert killed.returncode == -signal.SIGKILL
+    assert not (tmp_path / "never.pt").exists()
+    done = torch.load(resume, weights_only=True)["epoch"]
+    assert 1 <= done < epochs
+
+    resumed = run_driver(tmp_path, tmp_path / "resumed.pt", resume, epochs)
+    output, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, output
+    assert f"Resuming from {resume}: epoch {done} done" in output
+    assert f"epoch {done + 1}/{epochs}" in output and f"epoch {done}/{epochs}:" not in output
+
+    # The uninterrupted run, in this process: also shows that the bytes do not depend on the process.
+    exp = tiny_experiment(epochs=epochs)
+    result = pretrain(tiny_windows(64), tiny_windows(12, seed=1), exp, 7, log=quiet)
+    save_encoder_checkpoint(tmp_path / "straight.pt", result.model, encoder_hyperparams(exp, 24), result.training)
+    assert (tmp_path / "resumed.pt").read_bytes() == (tmp_path / "straight.pt").read_bytes()
+    assert load_encoder_checkpoint(tmp_path / "resumed.pt", expect_hidden=8).hyperparams["window"] == 24
+
+
+def test_bf16_runs_fp32_off_cuda(tmp_path):
+    fp32 = train_and_save(tmp_path / "fp32.pt", tiny_experiment())
+    assert train_and_save(tmp_path / "bf16.pt", tiny_experiment(precision="bf16")) == fp32
+
+
+def test_device_choice():
+    auto = pick_device("auto")
+    expected = "cuda" if torch.cuda.is_available() else ("mps" if torch.backends.mps.is_available() else "cpu")
+    assert auto.type == expected and pick_device("cpu").type == "cpu"
+    if not torch.cuda.is_available():
+        with pytest.raises(ParamsError, match="finetune.device is 'cuda' but this machine has no cuda device"):
+            pick_device("cuda", key="finetune.device")
