@@ -1,0 +1,303 @@
+"""Out-of-fold fine-tuning: every labeled window is predicted by a model that never trained on it.
+
+For each seed, a stratified k-fold split (StratifiedKFold(shuffle=True, random_state=seed)); on every fold the
+same split trains SimpleLSTM from the pretrained encoder and from scratch, and fits the two reference rows, so
+that all of them are compared on identical data. The core takes arrays and returns frames; the stage writes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.model_selection import StratifiedKFold
+from torch import nn
+
+from moola import evaluation
+from moola.classifier import SimpleLSTM, load_forward_weights
+from moola.errors import ParamsError
+from moola.params import CLASS_NAMES, PARAMS_FILE, Params
+
+NETWORK_INITS = ("pretrained", "scratch")
+REFERENCE_INITS = ("majority", "logreg")
+PROBA_COLUMNS = tuple(f"p_{name}" for name in CLASS_NAMES)
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """What one fold's training needs; epochs are already scaled."""
+
+    epochs: int
+    freeze_epochs: int
+    batch_size: int
+    learning_rate: float
+    encoder_learning_rate: float
+    weight_decay: float
+    hidden_size: int
+    attention_heads: int
+    dropout: float
+    grad_clip: float
+    class_weighted: bool
+
+    @classmethod
+    def from_params(cls, p: Params) -> "FinetuneConfig":
+        ft = p.finetune
+        return cls(
+            epochs=p.finetune_epochs,
+            freeze_epochs=p.freeze_epochs,
+            batch_size=ft.batch_size,
+            learning_rate=ft.learning_rate,
+            encoder_learning_rate=ft.encoder_learning_rate,
+            weight_decay=ft.weight_decay,
+            hidden_size=ft.hidden_size,
+            attention_heads=ft.attention_heads,
+            dropout=ft.dropout,
+            grad_clip=ft.grad_clip,
+            class_weighted=ft.class_weighted,
+        )
+
+
+@dataclass
+class FoldRun:
+    proba: np.ndarray  # (n_test, classes) after the last epoch
+    train_loss: list[float]  # per epoch: the (class-weighted) training objective
+    val_loss: list[float]  # per epoch: plain cross-entropy on the held-out fold
+
+
+@dataclass
+class OofResult:
+    predictions: pd.DataFrame  # window_id, fold, seed, init, p_<class>..., prediction, label
+    curves: pd.DataFrame  # epoch, <init>_train_loss, <init>_val_loss (mean over seeds and folds)
+
+
+def class_counts(labels: np.ndarray) -> dict[str, int]:
+    counts = np.bincount(np.asarray(labels), minlength=len(CLASS_NAMES))
+    return {name: int(counts[i]) for i, name in enumerate(CLASS_NAMES)}
+
+
+def check_folds(labels: np.ndarray, folds: int, source: str) -> None:
+    """Stratified k-fold needs every class in every fold: refuse more folds than the smallest class has windows."""
+    counts = class_counts(labels)
+    smallest = min(counts.values())
+    if folds > smallest:
+        described = ", ".join(f"{n} {name}" for name, n in counts.items())
+        raise ParamsError(
+            f"{PARAMS_FILE}: finetune.folds ({folds}) exceeds the smallest class's windows in {source} "
+            f"({described}); expected at most {smallest} folds"
+        )
+
+
+def fold_splits(labels: np.ndarray, folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    return [(train, test) for train, test in splitter.split(np.zeros(len(labels)), labels)]
+
+
+def class_weights(labels: np.ndarray) -> torch.Tensor:
+    """n / (classes * count): each class contributes equally, so the minority class cannot be ignored silently."""
+    counts = np.bincount(labels, minlength=len(CLASS_NAMES)).astype(np.float64)
+    return torch.tensor(len(labels) / (len(CLASS_NAMES) * np.maximum(counts, 1.0)), dtype=torch.float32)
+
+
+def set_encoder_trainable(model: SimpleLSTM, trainable: bool) -> None:
+    for param in model.lstm.parameters():
+        param.requires_grad_(trainable)
+
+
+def train_fold(
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_test: np.ndarray,
+    y_test: np.ndarray,
+    cfg: FinetuneConfig,
+    encoder_state: Mapping[str, torch.Tensor] | None,
+    seed: int,
+    device: torch.device | str = "cpu",
+    on_epoch: Callable[[int, SimpleLSTM], None] | None = None,
+) -> FoldRun:
+    """Train SimpleLSTM on one fold and predict its held-out windows.
+
+    With `encoder_state`, the LSTM starts from the encoder's forward direction, is frozen for
+    cfg.freeze_epochs, then trains at cfg.encoder_learning_rate. Without it (the scratch baseline) the LSTM
+    trains from epoch 1 at the base learning rate: freezing a random LSTM would only handicap the baseline.
+    The last epoch's model predicts the held-out fold (choosing an epoch by that fold's loss would leak it).
+    """
+    device = torch.device(device)
+    torch.manual_seed(seed)
+    model = SimpleLSTM(cfg.hidden_size, cfg.attention_heads, cfg.dropout, input_size=x_train.shape[-1])
+    if encoder_state is not None:
+        load_forward_weights(model, {"state_dict": encoder_state})
+        freeze_epochs, encoder_lr = cfg.freeze_epochs, cfg.encoder_learning_rate
+    else:
+        freeze_epochs, encoder_lr = 0, cfg.learning_rate
+    model.to(device)
+    encoder_params = list(model.lstm.parameters())
+    encoder_ids = {id(p) for p in encoder_params}
+    other_params = [p for p in model.parameters() if id(p) not in encoder_ids]
+    # Frozen parameters get no gradient, and AdamW skips a parameter whose grad is None (no weight decay either).
+    optimizer = torch.optim.AdamW(
+        [{"params": encoder_params, "lr": encoder_lr}, {"params": other_params, "lr": cfg.learning_rate}],
+        weight_decay=cfg.weight_decay,
+    )
+    weights = class_weights(y_train).to(device) if cfg.class_weighted else None
+    train_objective = nn.CrossEntropyLoss(weight=weights)
+    xs = torch.as_tensor(np.ascontiguousarray(x_train), dtype=torch.float32, device=device)
+    ys = torch.as_tensor(y_train, dtype=torch.long, device=device)
+    xt = torch.as_tensor(np.ascontiguousarray(x_test), dtype=torch.float32, device=device)
+    yt = torch.as_tensor(y_test, dtype=torch.long, device=device)
+    order_rng = torch.Generator().manual_seed(seed)
+    train_losses: list[float] = []
+    val_losses: list[float] = []
+    logits = None
+    for epoch in range(1, cfg.epochs + 1):
+        set_encoder_trainable(model, epoch > freeze_epochs)
+        model.train()
+        total, seen = 0.0, 0
+        for batch in torch.randperm(len(xs), generator=order_rng).split(cfg.batch_size):
+            batch = batch.to(device)
+            optimizer.zero_grad(set_to_none=True)
+            loss = train_objective(model(xs[batch]), ys[batch])
+            loss.backward()
+            nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], cfg.grad_clip)
+            optimizer.step()
+            total += float(loss.detach()) * len(batch)
+            seen += len(batch)
+        train_losses.append(total / seen)
+        model.eval()
+        with torch.no_grad():
+            logits = model(xt)
+            val_losses.append(float(nn.functional.cross_entropy(logits, yt)))
+        if on_epoch is not None:
+            on_epoch(epoch, model)
+    assert logits is not None
+    # On the CPU first: mps has no float64.
+    proba = torch.softmax(logits.detach().cpu().double(), dim=1).numpy()
+    return FoldRun(proba=proba, train_loss=train_losses, val_loss=val_losses)
+
+
+def _fold_seed(seed: int, fold: int) -> int:
+    # Pretrained and scratch share it: same head initialisation and batch order, only the LSTM's start differs.
+    return seed * 1000 + fold
+
+
+def run_oof(
+    values: np.ndarray,
+    labels: np.ndarray,
+    window_ids: np.ndarray,
+    cfg: FinetuneConfig,
+    seeds: Sequence[int],
+    folds: int,
+    inits: Sequence[str],
+    encoder_state: Mapping[str, torch.Tensor] | None = None,
+    device: torch.device | str = "cpu",
+    log: Callable[[str], None] = print,
+) -> OofResult:
+    """Out-of-fold predictions of every init in `inits` (pretrained, scratch, majority, logreg) for every seed."""
+    labels = np.asarray(labels, dtype=np.int64)
+    if "pretrained" in inits and encoder_state is None:
+        raise ValueError("the pretrained init needs an encoder_state")
+    features = evaluation.window_features(values) if "logreg" in inits else None
+    rows: list[pd.DataFrame] = []
+    curves: dict[str, list[FoldRun]] = {init: [] for init in inits if init in NETWORK_INITS}
+    for seed in seeds:
+        splits = fold_splits(labels, folds, seed)
+        for init in inits:
+            fold_accuracy = []
+            for fold, (train, test) in enumerate(splits):
+                if init in NETWORK_INITS:
+                    run = train_fold(
+                        values[train], labels[train], values[test], labels[test], cfg,
+                        encoder_state if init == "pretrained" else None, _fold_seed(seed, fold), device,
+                    )
+                    curves[init].append(run)
+                    proba = run.proba
+                elif init == "majority":
+                    proba = evaluation.majority_proba(labels[train], len(test))
+                elif init == "logreg":
+                    assert features is not None
+                    proba = evaluation.logreg_proba(
+                        features[train], labels[train], features[test], cfg.class_weighted
+                    )
+                else:
+                    raise ValueError(f"unknown init {init!r}")
+                predicted = proba.argmax(axis=1)
+                fold_accuracy.append(float(np.mean(predicted == labels[test])))
+                frame = pd.DataFrame(
+                    {
+                        "window_id": np.asarray(window_ids, dtype=np.int64)[test],
+                        "fold": np.full(len(test), fold, dtype=np.int64),
+                        "seed": np.full(len(test), seed, dtype=np.int64),
+                        "init": init,
+                        **{col: proba[:, i].astype(np.float64) for i, col in enumerate(PROBA_COLUMNS)},
+                        "prediction": predicted.astype(np.int64),
+                        "label": labels[test],
+                    }
+                )
+                rows.append(frame)
+            log(
+                f"seed {seed} {init}: fold-averaged accuracy {np.mean(fold_accuracy):.3f} "
+                f"(folds: {' '.join(f'{a:.3f}' for a in fold_accuracy)})"
+            )
+    predictions = pd.concat(rows, ignore_index=True)
+    init_order = {init: i for i, init in enumerate(inits)}
+    predictions = (
+        predictions.assign(_order=predictions["init"].map(init_order))
+        .sort_values(["_order", "seed", "window_id"], kind="stable")
+        .drop(columns="_order")
+        .reset_index(drop=True)
+    )
+    return OofResult(predictions=predictions, curves=mean_curves(curves, cfg.epochs))
+
+
+def mean_curves(runs: Mapping[str, Sequence[FoldRun]], epochs: int) -> pd.DataFrame:
+    """Per epoch, the mean over seeds and folds of each network init's training and held-out loss."""
+    table: dict[str, np.ndarray] = {"epoch": np.arange(1, epochs + 1, dtype=np.int64)}
+    for init, fold_runs in runs.items():
+        table[f"{init}_train_loss"] = np.mean([r.train_loss for r in fold_runs], axis=0)
+        table[f"{init}_val_loss"] = np.mean([r.val_loss for r in fold_runs], axis=0)
+    return pd.DataFrame(table)
+
+
+# --- report ---------------------------------------------------------------------------------------------------
+
+
+def metrics_per_seed(predictions: pd.DataFrame, init: str) -> list[dict[str, float]]:
+    """Metrics of one init's out-of-fold predictions, one dict per seed (all windows of that seed at once)."""
+    rows = predictions[predictions["init"] == init]
+    out = []
+    for _, per_seed in rows.groupby("seed", sort=True):
+        proba = per_seed[list(PROBA_COLUMNS)].to_numpy()
+        out.append(evaluation.classification_metrics(per_seed["label"].to_numpy(), proba))
+    return out
+
+
+def _predictions_matrix(predictions: pd.DataFrame, init: str) -> tuple[np.ndarray, np.ndarray]:
+    """(labels (n,), predictions (seeds, n)) with windows in the same order for every seed."""
+    rows = predictions[predictions["init"] == init].sort_values(["seed", "window_id"], kind="stable")
+    table = rows.pivot(index="window_id", columns="seed", values="prediction")
+    labels = rows.drop_duplicates("window_id").set_index("window_id")["label"].loc[table.index]
+    return labels.to_numpy(), table.to_numpy().T
+
+
+def lift_report(predictions: pd.DataFrame, resamples: int, seed: int) -> dict:
+    """Pretrained minus scratch, accuracy and balanced accuracy, with paired-bootstrap 95% intervals."""
+    labels, pretrained = _predictions_matrix(predictions, "pretrained")
+    labels_b, scratch = _predictions_matrix(predictions, "scratch")
+    assert np.array_equal(labels, labels_b)
+    report: dict = {}
+    for metric in evaluation.BOOTSTRAP_METRICS:
+        report[metric] = evaluation.paired_bootstrap_lift(labels, pretrained, scratch, metric, resamples, seed)
+    n = len(labels)
+    noisy = [m for m in evaluation.BOOTSTRAP_METRICS if report[m]["inside_noise"]]
+    report["resamples"] = resamples
+    report["verdict"] = (
+        f"inside the noise ({', '.join(noisy)}: the 95% interval contains 0)" if noisy
+        else "outside the noise (both 95% intervals exclude 0)"
+    ) + f"; one window of {n} is {100 / n:.1f} points"
+    return report
+
+
+def summary_report(predictions: pd.DataFrame, inits: Sequence[str]) -> dict[str, dict]:
+    return {init: evaluation.summarise(metrics_per_seed(predictions, init)) for init in inits}

@@ -1,0 +1,129 @@
+"""Stage `finetune`: out-of-fold fine-tuning of SimpleLSTM, from the selected encoder and from scratch.
+
+    python -m moola.stages.finetune                      # the selected encoder; every output of the stage
+    python -m moola.stages.finetune --encoder data/pretrained/exp2_conservative_encoder.pt --ablation exp2_conservative
+                                                         # that encoder only; writes metrics/ablation/<exp>.json
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from moola import finetuning, io
+from moola.device import describe, pick_device
+from moola.errors import DataError, ParamsError, run_main
+from moola.evaluation import success_criteria
+from moola.models import load_encoder_checkpoint
+from moola.params import CLASS_NAMES, PARAMS_FILE, Params, load_params
+from moola.windows import read_windows
+
+LABELED = Path("data/prepared/labeled_windows.parquet")
+SELECTED_ENCODER = Path("data/selected/encoder.pt")
+OOF_PREDICTIONS = Path("data/finetune/oof_predictions.parquet")
+FINETUNE_METRICS = Path("metrics/finetune.json")
+CONFUSION = {init: Path(f"plots/finetune/confusion_{init}.csv") for init in finetuning.NETWORK_INITS}
+CURVES = Path("plots/finetune/curves.csv")
+ALL_INITS = finetuning.NETWORK_INITS + finetuning.REFERENCE_INITS
+
+
+def ablation_metrics_path(exp: str) -> Path:
+    return Path("metrics/ablation") / f"{exp}.json"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m moola.stages.finetune", description=__doc__.splitlines()[0])
+    parser.add_argument("--encoder", type=Path, default=None, help=f"encoder checkpoint (default {SELECTED_ENCODER})")
+    parser.add_argument("--ablation", metavar="EXP", default=None,
+                        help="fine-tune from this experiment's encoder only and write metrics/ablation/EXP.json")
+    return parser.parse_args(argv)
+
+
+def confusion_csv(predictions: pd.DataFrame, init: str, seed: int) -> str:
+    """One row per out-of-fold prediction of the first seed (so the counts sum to the number of windows)."""
+    rows = predictions[(predictions["init"] == init) & (predictions["seed"] == seed)]
+    names = np.array(CLASS_NAMES)
+    frame = pd.DataFrame({"actual": names[rows["label"].to_numpy()], "predicted": names[rows["prediction"].to_numpy()]})
+    return frame.to_csv(index=False, lineterminator="\n")
+
+
+def run(p: Params, encoder: Path, ablation: str | None) -> None:
+    ft = p.finetune
+    if ablation is not None and ablation not in p.experiments:
+        raise ParamsError(f"--ablation: '{ablation}' is not an experiment of {PARAMS_FILE} "
+                          f"(expected one of: {', '.join(p.experiments)})")
+    if len(set(ft.seeds)) != len(ft.seeds):
+        raise ParamsError(f"{PARAMS_FILE}: finetune.seeds must be distinct, got {ft.seeds}")
+    device = pick_device(ft.device, key="finetune.device")
+    if device.type == "cpu":
+        # Fixed, so that the bytes of every output do not depend on the machine's core count.
+        torch.set_num_threads(ft.threads)
+    labeled = read_windows(LABELED)
+    if labeled.label is None:
+        raise DataError(f"{LABELED}: column 'label' missing (expected the labeled windows file)")
+    counts = finetuning.class_counts(labeled.label)
+    print(f"{len(labeled)} labeled windows ({', '.join(f'{n} {name}' for name, n in counts.items())})", flush=True)
+    finetuning.check_folds(labeled.label, ft.folds, str(LABELED))
+    checkpoint = load_encoder_checkpoint(encoder, expect_hidden=ft.hidden_size)
+    cfg = finetuning.FinetuneConfig.from_params(p)
+    inits = ("pretrained",) if ablation else ALL_INITS
+    print(
+        f"encoder {encoder} ({checkpoint.hyperparams.get('experiment', 'unnamed')}); {ft.folds} folds x "
+        f"seeds {ft.seeds}; {cfg.epochs} epochs ({cfg.freeze_epochs} frozen); inits {', '.join(inits)}; "
+        f"device {describe(device)}",
+        flush=True,
+    )
+    result = finetuning.run_oof(
+        labeled.values, labeled.label, labeled.window_id, cfg, ft.seeds, ft.folds, inits,
+        encoder_state=checkpoint.state_dict, device=device,
+    )
+    summary = finetuning.summary_report(result.predictions, inits)
+    common = {"windows": len(labeled), "class_counts": counts, "folds": ft.folds, "seeds": list(ft.seeds),
+              "epochs": cfg.epochs, "freeze_epochs": cfg.freeze_epochs}
+    if ablation is not None:
+        io.write_json(ablation_metrics_path(ablation), {
+            "experiment": ablation,
+            "encoder": str(encoder),
+            "pretrain": {key: checkpoint.training[key] for key in ("best_val_loss", "best_epoch", "epochs_run")},
+            "pretrained": summary["pretrained"],
+            "criteria": success_criteria(summary["pretrained"]),
+            **common,
+        })
+        print(f"wrote {ablation_metrics_path(ablation)}", flush=True)
+        return
+    lift = finetuning.lift_report(result.predictions, ft.bootstrap, p.seed)
+    report = {
+        **summary,
+        "lift": lift,
+        "criteria": success_criteria(summary["pretrained"]),
+        "selected_encoder": str(checkpoint.hyperparams.get("experiment", encoder)),
+        **common,
+    }
+    print(f"lift (pretrained - scratch): accuracy {lift['accuracy']['point']:+.3f} "
+          f"[{lift['accuracy']['ci_low']:+.3f}, {lift['accuracy']['ci_high']:+.3f}]; {lift['verdict']}", flush=True)
+    io.write_parquet(OOF_PREDICTIONS, result.predictions)
+    for init, path in CONFUSION.items():
+        io.write_text(path, confusion_csv(result.predictions, init, ft.seeds[0]))
+    io.write_text(CURVES, result.curves.to_csv(index=False, float_format="%.6f", lineterminator="\n"))
+    io.write_json(FINETUNE_METRICS, report)
+    print(f"wrote {FINETUNE_METRICS}, {OOF_PREDICTIONS}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    p = load_params()
+    if args.encoder is not None:
+        encoder = args.encoder
+    elif args.ablation is not None:
+        encoder = Path("data/pretrained") / f"{args.ablation}_encoder.pt"
+    else:
+        encoder = SELECTED_ENCODER
+    run(p, encoder, args.ablation)
+
+
+if __name__ == "__main__":
+    run_main(main)

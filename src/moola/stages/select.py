@@ -1,0 +1,216 @@
+"""Stage `select`: pick the pretrained encoder that fine-tuning starts from.
+
+Among the experiments whose encoder converged stably and fits SimpleLSTM, the lowest best validation loss wins.
+Stable means (thresholds in params.select, defaults from the reference document's red flags):
+  - every loss finite;
+  - learned: validation loss at select.check_epoch (the last epoch for a shorter run) at most
+    select.max_val_loss_at_check;
+  - did not diverge: final validation loss at most select.max_final_over_best x its best;
+  - does not overfit: final validation loss at most select.max_val_over_train x the final training loss.
+Fits SimpleLSTM: the checkpoint loads and its forward hidden size equals finetune.hidden_size.
+Ties go to select.fallback (the reference document's choice when in doubt). No candidate passing is an error,
+never a silent pick. Writes metrics/select.json and data/selected/encoder.pt (the chosen file's exact bytes).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from moola import io
+from moola.errors import CheckpointError, DataError, run_main
+from moola.models import load_encoder_checkpoint
+from moola.params import PARAMS_FILE, SelectParams, load_params
+
+SELECTED_ENCODER = Path("data/selected/encoder.pt")
+SELECT_METRICS = Path("metrics/select.json")
+CURVE_COLUMNS = ("epoch", "train_loss", "val_loss")
+
+
+def encoder_path(exp: str) -> Path:
+    return Path("data/pretrained") / f"{exp}_encoder.pt"
+
+
+def metrics_path(exp: str) -> Path:
+    return Path("metrics/pretrain") / f"{exp}.json"
+
+
+def curve_path(exp: str) -> Path:
+    return Path("plots/pretrain") / f"{exp}.csv"
+
+
+@dataclass
+class Candidate:
+    name: str
+    best_val_loss: float | None
+    best_epoch: int | None = None
+    final_val_loss: float | None = None
+    final_train_loss: float | None = None
+    epochs_run: int = 0
+    hidden_size: int | None = None
+    rejections: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return not self.rejections
+
+
+def read_curve(path: Path) -> pd.DataFrame:
+    if not path.is_file():
+        raise DataError(f"{path}: not found (run `dvc repro pretrain` first)")
+    try:
+        curve = pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: not a readable CSV ({exc})") from None
+    if tuple(curve.columns) != CURVE_COLUMNS:
+        found = ", ".join(map(str, curve.columns))
+        raise DataError(f"{path}: columns are {found}, expected {', '.join(CURVE_COLUMNS)}")
+    try:
+        return curve.astype({"epoch": "int64", "train_loss": "float64", "val_loss": "float64"})
+    except (ValueError, TypeError) as exc:
+        raise DataError(f"{path}: expected an integer epoch and numeric losses ({exc})") from None
+
+
+def read_metrics(path: Path) -> dict:
+    if not path.is_file():
+        raise DataError(f"{path}: not found (run `dvc repro pretrain` first)")
+    try:
+        metrics = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(metrics, dict) or "best_val_loss" not in metrics:
+        raise DataError(f"{path}: field 'best_val_loss' missing (expected a pretraining metrics file)")
+    return metrics
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def assess(
+    name: str, metrics: dict, curve: pd.DataFrame, hidden_size: int | None, checkpoint_problem: str | None,
+    sp: SelectParams, expect_hidden: int,
+) -> Candidate:
+    """Judge one experiment from its metrics, its per-epoch curve and its checkpoint's architecture."""
+    best = metrics.get("best_val_loss")
+    cand = Candidate(name=name, best_val_loss=float(best) if _finite(best) else None, hidden_size=hidden_size)
+    cand.epochs_run = len(curve)
+    if curve.empty:
+        cand.rejections.append("no epochs in its loss curve")
+    elif cand.best_val_loss is None or not np.isfinite(curve[["train_loss", "val_loss"]].to_numpy()).all():
+        bad = curve["epoch"][~np.isfinite(curve[["train_loss", "val_loss"]].to_numpy()).all(axis=1)].tolist()
+        where = f" at epoch {bad[0]}" if bad else f" (best_val_loss {best!r})"
+        cand.rejections.append(f"non-finite loss{where}")
+    else:
+        val, train = curve["val_loss"].to_numpy(), curve["train_loss"].to_numpy()
+        best_row = int(val.argmin())
+        cand.best_epoch = int(curve["epoch"].iloc[best_row])
+        cand.final_val_loss, cand.final_train_loss = float(val[-1]), float(train[-1])
+        check_row = min(sp.check_epoch, len(curve)) - 1
+        check_epoch = int(curve["epoch"].iloc[check_row])
+        if len(curve) < sp.check_epoch:
+            cand.notes.append(
+                f"ran {len(curve)} epochs (< select.check_epoch {sp.check_epoch}): "
+                f"learning checked at epoch {check_epoch}"
+            )
+        if val[check_row] > sp.max_val_loss_at_check:
+            cand.rejections.append(
+                f"did not learn: val loss {val[check_row]:.4g} at epoch {check_epoch} > "
+                f"select.max_val_loss_at_check {sp.max_val_loss_at_check:g}"
+            )
+        if val[-1] > sp.max_final_over_best * val[best_row]:
+            cand.rejections.append(
+                f"diverged: final val loss {val[-1]:.4g} is {val[-1] / val[best_row]:.2f}x its best "
+                f"{val[best_row]:.4g} (epoch {cand.best_epoch}) > select.max_final_over_best {sp.max_final_over_best:g}"
+            )
+        if val[-1] > sp.max_val_over_train * train[-1]:
+            cand.rejections.append(
+                f"overfits: final val loss {val[-1]:.4g} is {val[-1] / train[-1]:.2f}x the final train loss "
+                f"{train[-1]:.4g} > select.max_val_over_train {sp.max_val_over_train:g}"
+            )
+    if checkpoint_problem is not None:
+        cand.rejections.append(f"checkpoint unusable: {checkpoint_problem}")
+    elif hidden_size != expect_hidden:
+        cand.rejections.append(
+            f"architecture: forward hidden size {hidden_size}, SimpleLSTM needs {expect_hidden} (finetune.hidden_size)"
+        )
+    return cand
+
+
+def choose(candidates: list[Candidate], fallback: str) -> Candidate:
+    """The lowest best validation loss among those that passed; an exact tie goes to `fallback`, then to order."""
+    passed = [c for c in candidates if c.passed]
+    if not passed:
+        why = "; ".join(f"{c.name}: {', '.join(c.rejections)}" for c in candidates)
+        raise DataError(f"{PARAMS_FILE}: no encoder passed the select thresholds ({why})")
+    order = {c.name: i for i, c in enumerate(candidates)}
+    return min(passed, key=lambda c: (c.best_val_loss, c.name != fallback, order[c.name]))
+
+
+def _reason(c: Candidate, chosen: Candidate, n_passed: int) -> str:
+    if c is chosen:
+        text = f"chosen: lowest best val loss {c.best_val_loss:.4g} among {n_passed} stable encoder(s)"
+    elif c.passed:
+        text = f"stable, but best val loss {c.best_val_loss:.4g} >= {chosen.best_val_loss:.4g} of {chosen.name}"
+    else:
+        text = "rejected: " + "; ".join(c.rejections)
+    return text + "".join(f" [{note}]" for note in c.notes)
+
+
+def select(root: Path = Path(".")) -> dict:
+    """Assess every experiment of params.yaml under `root`, copy the winner, write the report; returns it."""
+    p = load_params(root / PARAMS_FILE)
+    expect_hidden = p.finetune.hidden_size
+    candidates = []
+    for name in p.experiments:
+        metrics = read_metrics(root / metrics_path(name))
+        curve = read_curve(root / curve_path(name))
+        hidden, problem = None, None
+        try:
+            hidden = int(load_encoder_checkpoint(root / encoder_path(name)).hyperparams["hidden_size"])
+        except CheckpointError as exc:
+            problem = str(exc)
+        candidates.append(assess(name, metrics, curve, hidden, problem, p.select, expect_hidden))
+    chosen = choose(candidates, p.select.fallback)
+    n_passed = sum(c.passed for c in candidates)
+    report = {
+        "selected": chosen.name,
+        "best_val_loss": chosen.best_val_loss,
+        "encoder": str(encoder_path(chosen.name)),
+        "stable_candidates": n_passed,
+        "candidates": {
+            c.name: {
+                "chosen": c is chosen,
+                "passed": c.passed,
+                "best_val_loss": c.best_val_loss,
+                "best_epoch": c.best_epoch,
+                "final_val_loss": c.final_val_loss,
+                "final_train_loss": c.final_train_loss,
+                "epochs_run": c.epochs_run,
+                "hidden_size": c.hidden_size,
+                "reason": _reason(c, chosen, n_passed),
+            }
+            for c in candidates
+        },
+    }
+    for c in candidates:
+        print(f"{c.name}: {report['candidates'][c.name]['reason']}", flush=True)
+    # The exact bytes: data/selected/encoder.pt hashes the same as the chosen experiment's file.
+    io.write_bytes(root / SELECTED_ENCODER, (root / encoder_path(chosen.name)).read_bytes())
+    io.write_json(root / SELECT_METRICS, report)
+    print(f"selected {chosen.name} (best val loss {chosen.best_val_loss:.4g}) -> {SELECTED_ENCODER}", flush=True)
+    return report
+
+
+def main() -> None:
+    select()
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,113 @@
+"""The out-of-fold training core: freezing, seeding, fold checks and the shape of its predictions."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from moola import finetuning
+from moola.errors import ParamsError
+
+HIDDEN = 16
+CFG = finetuning.FinetuneConfig(
+    epochs=3, freeze_epochs=2, batch_size=8, learning_rate=1e-2, encoder_learning_rate=1e-3, weight_decay=1e-4,
+    hidden_size=HIDDEN, attention_heads=4, dropout=0.1, grad_clip=1.0, class_weighted=True,
+)
+
+
+def data(n=24, steps=10, seed=0):
+    rng = np.random.default_rng(seed)
+    labels = np.array([0] * (n - n // 3) + [1] * (n // 3), dtype=np.int64)
+    values = rng.random((n, steps, 4)).astype(np.float32)
+    values[labels == 1, -3:, 3] += 0.5  # something learnable at the end of the window
+    return values, labels, np.arange(100, 100 + n, dtype=np.int64)
+
+
+def encoder_state():
+    torch.manual_seed(5)
+    lstm = nn.LSTM(4, HIDDEN, batch_first=True, bidirectional=True)
+    return {k: v.detach().clone() for k, v in lstm.state_dict().items()}
+
+
+def snapshots(init_state):
+    x, y, _ = data()
+    seen = {}
+
+    def on_epoch(epoch, model):
+        seen[epoch] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    finetuning.train_fold(x[:18], y[:18], x[18:], y[18:], CFG, init_state, seed=1, on_epoch=on_epoch)
+    return seen
+
+
+def test_encoder_frozen_then_unfrozen():
+    state = encoder_state()
+    seen = snapshots(state)
+    for epoch in (1, 2):  # frozen: the LSTM is exactly the encoder's forward direction
+        for key in ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0"):
+            assert torch.equal(seen[epoch][f"lstm.{key}"], state[key]), (epoch, key)
+    assert not torch.equal(seen[3]["lstm.weight_hh_l0"], state["weight_hh_l0"])
+    # ...while the head trained from the first epoch.
+    assert not torch.equal(seen[1]["head.weight"], seen[2]["head.weight"])
+
+
+def test_scratch_lstm_trains_from_the_first_epoch():
+    seen = snapshots(None)
+    assert not torch.equal(seen[1]["lstm.weight_hh_l0"], seen[2]["lstm.weight_hh_l0"])
+
+
+def test_same_seed_same_predictions_different_seed_different():
+    x, y, _ = data()
+    run = lambda seed: finetuning.train_fold(x[:18], y[:18], x[18:], y[18:], CFG, encoder_state(), seed)  # noqa: E731
+    a, b, c = run(1), run(1), run(2)
+    assert np.array_equal(a.proba, b.proba) and a.train_loss == b.train_loss
+    assert not np.array_equal(a.proba, c.proba)
+    assert len(a.train_loss) == len(a.val_loss) == CFG.epochs
+    assert np.allclose(a.proba.sum(axis=1), 1.0)
+
+
+def test_class_weights_balance_the_classes():
+    weights = finetuning.class_weights(np.array([0, 0, 0, 1]))
+    assert weights.tolist() == pytest.approx([4 / 6, 4 / 2])
+
+
+def test_too_many_folds_for_the_smallest_class():
+    labels = np.array([0] * 10 + [1] * 3)
+    expected = r"finetune\.folds \(5\).*labeled\.parquet \(10 consolidation, 3 retracement\)"
+    with pytest.raises(ParamsError, match=expected):
+        finetuning.check_folds(labels, 5, "labeled.parquet")
+    finetuning.check_folds(labels, 3, "labeled.parquet")
+
+
+def test_run_oof_predicts_every_window_once_per_seed_and_init():
+    x, y, ids = data()
+    cfg = dataclasses.replace(CFG, epochs=2, freeze_epochs=1)
+    inits = ("pretrained", "scratch", "majority", "logreg")
+    logged = []
+    result = finetuning.run_oof(x, y, ids, cfg, [1337, 1338], 3, inits, encoder_state(), log=logged.append)
+    pred = result.predictions
+    assert list(pred.columns) == ["window_id", "fold", "seed", "init", "p_consolidation", "p_retracement",
+                                  "prediction", "label"]
+    assert len(pred) == len(ids) * 2 * len(inits)
+    counts = pred.groupby(["init", "seed", "window_id"]).size()
+    assert (counts == 1).all() and len(counts) == len(ids) * 2 * len(inits)
+    # Same folds for every init of a seed.
+    folds = pred.pivot_table(index=["seed", "window_id"], columns="init", values="fold")
+    assert (folds.nunique(axis=1) == 1).all()
+    assert list(result.curves.columns) == ["epoch", "pretrained_train_loss", "pretrained_val_loss",
+                                           "scratch_train_loss", "scratch_val_loss"]
+    assert len(result.curves) == 2
+    assert len(logged) == 2 * len(inits) and "fold-averaged accuracy" in logged[0]
+
+    summary = finetuning.summary_report(pred, inits)
+    assert set(summary) == set(inits) and set(summary["majority"]["accuracy"]) == {"mean", "std"}
+    assert summary["majority"]["recall_retracement"]["mean"] == 0.0
+    lift = finetuning.lift_report(pred, resamples=50, seed=0)
+    assert set(lift) == {"accuracy", "balanced_accuracy", "resamples", "verdict"}
+    assert lift["accuracy"]["point"] == pytest.approx(
+        summary["pretrained"]["accuracy"]["mean"] - summary["scratch"]["accuracy"]["mean"], abs=1e-5
+    )
