@@ -1,0 +1,69 @@
+"""The laptop tour and the experiment workflow of the README, through real `dvc exp run` at a tiny scale:
+`moola tour`, then `dvc exp run -S mask=random`, `dvc metrics diff`, `dvc params diff` and `dvc exp show`."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import make_repo, run
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+# The tour's own scale is minutes of training; these -S options (they come after the tour's own) shrink it to
+# seconds. A small model: this test is about the workflow, not the numbers.
+SHRINK = [
+    "-S", "scale.windows=0.006", "-S", "scale.epochs=0.04", "-S", "pretrain.batch_size=32",
+    "-S", "pretrain.hidden_size=16", "-S", "pretrain.decoder_hidden=8", "-S", "finetune.hidden_size=16",
+    "-S", "finetune.folds=2", "-S", "finetune.seeds=[1337]",
+]
+
+
+@pytest.fixture(scope="module")
+def toured(tmp_path_factory):
+    repo = make_repo(tmp_path_factory.mktemp("tour") / "repo")
+    out = run(["python", "-m", "moola.cli", "tour", *SHRINK], repo, timeout=1200).stdout
+    return repo, out
+
+
+def test_tour_runs_every_stage_through_dvc_and_prints_the_results(toured):
+    repo, out = toured
+    assert out.startswith("$ dvc exp run -S scale.windows=0.05")
+    for stage in ["prepare", "augment@warp12_x4", "pretrain@exp1_baseline", "pretrain@exp5_random_mask", "select",
+                  "finetune", "finetune_ablation@exp3_aggressive"]:
+        assert f"Running stage '{stage}'" in out
+    table = out[out.index("Pretraining (validation loss"):]
+    for exp in ["exp1_baseline", "exp2_conservative", "exp3_aggressive", "exp4_block_mask", "exp5_random_mask"]:
+        assert exp in table and "(not run)" not in table
+    selected = json.loads((repo / "metrics/select.json").read_text())["selected"]
+    assert f"Selected encoder: {selected}" in table
+    finetune = json.loads((repo / "metrics/finetune.json").read_text())
+    accuracy = finetune["pretrained"]["accuracy"]["mean"]
+    assert f"{100 * accuracy:5.1f}%" in table.split("pretrained")[1].splitlines()[0]
+    assert "majority" in table and "logreg" in table and "from exp4_block_mask" in table
+    shown = run(["dvc", "exp", "show", "--no-pager", "--csv"], repo).stdout
+    assert "scale.windows" in shown or "0.006" in shown
+
+
+def test_mask_override_reruns_only_what_follows_the_top_level_mask(toured):
+    repo, _ = toured
+    run(["git", "add", "-A"], repo)
+    run(["git", "commit", "-qm", "the tour's results"], repo)
+    out = run(["dvc", "exp", "run", "-S", "mask=random"], repo, timeout=1200).stdout
+    ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage '")}
+    assert {"pretrain@exp1_baseline", "pretrain@exp2_conservative", "pretrain@exp3_aggressive"} <= ran
+    assert "pretrain@exp4_block_mask" not in ran and "pretrain@exp5_random_mask" not in ran
+    assert "prepare" not in ran and not any(name.startswith("augment@") for name in ran)
+
+    params = run(["dvc", "params", "diff"], repo).stdout
+    assert "mask" in params and "patch" in params and "random" in params
+    diff = run(["dvc", "metrics", "diff", "--json"], repo).stdout
+    changed = json.loads(diff)
+    assert "metrics/pretrain/exp1_baseline.json" in changed
+    assert changed["metrics/pretrain/exp1_baseline.json"]["mask"]["new"] == "random"
+    # Experiments that pin their own mask did not re-run: their metrics are unchanged.
+    assert "metrics/pretrain/exp4_block_mask.json" not in changed
+    assert "metrics/pretrain/exp5_random_mask.json" not in changed
+    shown = json.loads(run(["dvc", "exp", "show", "--json"], repo).stdout)
+    assert len(json.dumps(shown)) > 0 and "random" in json.dumps(shown)
