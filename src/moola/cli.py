@@ -104,21 +104,20 @@ def main(argv: list[str] | None = None) -> None:
     sub.add_parser("tour", help="the whole pipeline at a small scale via `dvc exp run`, then the results; "
                    "further options go to `dvc exp run` (e.g. -S mask=random)")
     sub.add_parser("report", help="print the results table from the workspace's metrics")
-    par = sub.add_parser("parallel", help="run the five pretraining experiments concurrently, then the rest")
-    par.add_argument("rest", nargs=argparse.REMAINDER)
-    args, extra = parser.parse_known_args(argv)
-    if extra and args.command != "parallel":
-        if args.command != "tour":
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    if args.command == "tour":
-        run_main(lambda: tour(extra))
-    elif args.command == "report":
-        run_main(lambda: print(report()))
-    else:
+    sub.add_parser("parallel", help="run the five pretraining experiments concurrently, then the rest "
+                   "(moola parallel --help)")
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["parallel"]:
         from moola import parallel
 
-        sys.argv = ["moola parallel", *args.rest, *extra]
-        parallel.main()
+        return parallel.main(argv[1:])
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "tour":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.command == "tour":
+        run_main(lambda: tour(extra))
+    else:
+        run_main(lambda: print(report()))
 
 
 if __name__ == "__main__":
