@@ -1,7 +1,7 @@
-"""The whole pipeline through a real `dvc repro` at TINY scale, then what `finetune` and `select` wrote.
+"""What `finetune` and `select` wrote after a real `dvc repro` of the whole pipeline.
 
-One repository for every check (the pipeline takes minutes on 2 busy cores); bad-input checks run last and
-restore what they change.
+The run is the session's shared reference run (pipeline_runs.reference_run: TINY scale, a small model, 2 folds);
+these tests work on a copy of it. Bad-input checks run last and restore what they change.
 """
 
 from __future__ import annotations
@@ -16,7 +16,9 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import ROOT, make_repo, run
+import shutil
+
+from conftest import ROOT, run
 from moola.evaluation import METRICS
 from moola.models import save_encoder_checkpoint
 from moola.params import CLASS_NAMES, load_params
@@ -27,19 +29,21 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 STAGES = ["prepare", "augment", "pretrain", "select", "finetune"]
 MISSING = [s for s in STAGES if not (ROOT / "src/moola/stages" / f"{s}.py").exists()]
 INITS = ["pretrained", "scratch", "majority", "logreg"]
-OVERRIDES: dict = {}
 
 
 def md5(path: Path) -> str:
     return hashlib.md5(path.read_bytes()).hexdigest()
 
 
+pytest_plugins = ["pipeline_runs"]
+
+
 @pytest.fixture(scope="module")
-def pipeline(tmp_path_factory) -> Path:
+def pipeline(reference_run, tmp_path_factory) -> Path:
     if MISSING:
         pytest.skip(f"stages not written yet: {', '.join(MISSING)}")
-    repo = make_repo(tmp_path_factory.mktemp("finetune") / "repo", OVERRIDES)
-    run(["dvc", "repro"], repo, timeout=1800)
+    repo = tmp_path_factory.mktemp("finetune") / "repo"
+    shutil.copytree(reference_run.repo, repo, symlinks=True)  # workspace, git and DVC cache: a private copy
     return repo
 
 
@@ -60,7 +64,7 @@ def test_finetune_metrics_layout(pipeline):
     assert report["lift"]["resamples"] == p.finetune.bootstrap and "one window of 89" in report["lift"]["verdict"]
     assert set(report["criteria"]) == {"accuracy_above_64pct", "retracement_recall_above_40pct",
                                        "every_class_recall_above_30pct", "all_met"}
-    assert report["windows"] == 89 and report["folds"] == 5 and report["seeds"] == p.finetune.seeds
+    assert report["windows"] == 89 and report["folds"] == p.finetune.folds and report["seeds"] == p.finetune.seeds
     assert report["epochs"] == p.finetune_epochs == 2 and report["freeze_epochs"] == p.freeze_epochs == 1
 
     selected = json.loads((pipeline / "metrics/select.json").read_text())
@@ -83,7 +87,7 @@ def test_oof_predictions_cover_every_window_once_per_seed_and_init(pipeline):
     truth = dict(zip(labeled.window_id.tolist(), labeled.label.tolist()))
     assert (oof["label"] == oof["window_id"].map(truth)).all()
     assert np.allclose(oof["p_consolidation"] + oof["p_retracement"], 1.0)
-    assert set(oof["fold"]) == set(range(5))
+    assert set(oof["fold"]) == set(range(p.finetune.folds))
 
     for init in ("pretrained", "scratch"):
         confusion = pd.read_csv(pipeline / f"plots/finetune/confusion_{init}.csv")
@@ -130,8 +134,10 @@ def test_bad_inputs_fail_in_one_line_and_leave_outputs_alone(pipeline):
     before = {path: md5(pipeline / path) for path in outputs}
     params_file = pipeline / "params.yaml"
     original = params_file.read_text()
+    p = load_params(params_file)
+    hidden = p.finetune.hidden_size
     try:
-        params_file.write_text(original.replace("folds: 5", "folds: 40"))
+        params_file.write_text(original.replace(f"folds: {p.finetune.folds}", "folds: 40"))
         message = stage_error(pipeline)
         assert "finetune.folds (40)" in message and "consolidation" in message and "retracement" in message
     finally:
@@ -145,7 +151,8 @@ def test_bad_inputs_fail_in_one_line_and_leave_outputs_alone(pipeline):
                             {"input_size": 4, "hidden_size": 64, "num_layers": 1, "bidirectional": True},
                             {"best_val_loss": 0.01, "best_epoch": 1, "epochs_run": 1})
     message = stage_error(pipeline, "--encoder", str(small), "--ablation", "exp1_baseline")
-    assert "hidden_size is 64, expected 128" in message and "(512, 128)" in message and "(256, 64)" in message
+    assert f"hidden_size is 64, expected {hidden}" in message
+    assert f"({4 * hidden}, {hidden})" in message and "(256, 64)" in message
     assert "not an experiment" in stage_error(pipeline, "--ablation", "exp9")
     small.unlink()
     assert {path: md5(pipeline / path) for path in outputs} == before

@@ -89,7 +89,7 @@ BAD_INPUTS = {
     "high below low": (lambda b, l: b.loc.__setitem__((9, "high"), b.loc[9, "low"] / 2), "row 10, field 'high'"),
     "unsorted": (lambda b, l: b.loc.__setitem__((30, "timestamp"), b.loc[2, "timestamp"]), "row 31, field 'timestamp'"),
     "duplicate": (lambda b, l: b.loc.__setitem__((30, "timestamp"), b.loc[29, "timestamp"]), "row 31, field 'timestamp': duplicate"),
-    "missing column": (lambda b, l: b.pop("low"), "bars.csv: missing column(s) low"),
+    "missing column": (lambda b, l: b.pop("low") is None, "bars.csv: missing column(s) low"),
     "too few rows": (lambda b, l: "truncate", "bars.csv: 100 bars, too few"),
     "unknown class": (lambda b, l: l.loc.__setitem__((2, "label"), "breakout"), "labels.csv: row 3, field 'label': 'breakout'"),
     "label out of range": (lambda b, l: l.loc.__setitem__((3, "start"), b["timestamp"].iloc[-20]), "labels.csv: row 4, field 'start'"),

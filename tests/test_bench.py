@@ -1,0 +1,165 @@
+"""The benchmark harness at tiny shapes: its table, its JSON and its helpers (structure and sanity, not timings)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from moola import bench
+from moola.augment import augment_windows
+from moola.errors import MoolaError
+from moola.params import load_params
+from moola.windows import cut_windows, normalise
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_bench(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "DVC_NO_ANALYTICS": "1",
+           "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")}
+    return subprocess.run([sys.executable, "-m", "moola.bench", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+def positive(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_quick_run_prints_the_table_and_writes_the_json(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = run_bench("--quick", "--share", "1", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr
+    table = proc.stdout
+    for row in ("1 bare nn.LSTM", "2 pretraining loop", "ratio 2/1", "3 prepare", "augment warp12_x4",
+                "per-window Python loop", "4 dvc repro prepare augment, no-op", "dvc status",
+                "fine-tuning, one fold", "1 workers sharing", "Full-spec `dvc repro`", "pretrain@exp3_aggressive"):
+        assert row in table, f"{row!r} missing from:\n{table}"
+
+    r = json.loads(out.read_text())
+    assert r["format"] == bench.BENCH_FORMAT and r["quick"] is True
+    assert r["command"].startswith("python -m moola.bench --quick")
+    m = r["machine"]
+    assert m["torch"] == torch.__version__ and m["cpu"] and positive(m["cpu_cores"]) and m["device"].startswith("cpu")
+    assert len(m["load_average_at_start"]) == 3 and len(m["load_average_at_end"]) == 3
+
+    t = r["training"]
+    for key in ("bare_lstm", "model", "loop"):
+        assert positive(t[key]["samples_per_second"]) and len(t[key]["runs"]) == r["settings"]["repeats"]
+        assert all(positive(x) for x in t[key]["runs"])
+    assert positive(t["ratio_loop_to_bare"]) and positive(t["ratio_loop_to_model"])
+    assert t["precision"] == "fp32" and isinstance(t["target_met"], bool)
+    assert t["loop"]["validation_windows"] > 0 and positive(t["loop"]["validation_and_setup_seconds"])
+
+    d = r["data"]
+    for key in ("vectorised_windows_per_second", "per_window_loop_windows_per_second", "speedup"):
+        assert positive(d["windowing"][key]) and positive(d["augment"][key])
+    assert d["augment"]["windows_made"] == 4 * d["augment"]["train_windows"]
+    assert positive(d["prepare"]["windows_per_second"])
+
+    v = r["dvc"]
+    assert positive(v["noop_repro_seconds"]) and positive(v["status_seconds"]) and positive(v["build_seconds"])
+    assert v["output_bytes"] > 0 and v["dvc"].startswith("3.")
+
+    assert positive(r["finetune"]["seconds_per_epoch"])
+    assert r["share"]["workers"] == 1 and positive(r["share"]["aggregate_samples_per_second"])
+
+    e = r["estimate"]
+    assert set(e["experiments"]) == set(load_params(ROOT / "params.yaml").experiments)
+    exp1 = e["experiments"]["exp1_baseline"]
+    assert exp1["epochs"] == 75 and exp1["train_samples"] == 47_490  # the spec, whatever was measured
+    assert positive(e["total_seconds"]) and e["total_seconds"] > e["pretrain_seconds"]
+    assert e["finetune_fold_runs"] == 5 * 3 * (2 + 5)
+
+
+def test_absent_device_is_a_one_line_error():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(MoolaError, match="no cuda device"):
+        bench.resolve_device("cuda")
+    with pytest.raises(MoolaError, match="must be one of"):
+        bench.resolve_device("tpu")
+    proc = run_bench("--device", "cuda", "--json", "/nonexistent/never-written.json")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == ["error: --device cuda: this machine has no cuda device (use auto or cpu)"]
+
+
+def test_auto_device_and_dtype_handling_for_every_device_type():
+    mps = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+    assert bench.resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu")
+    assert bench.resolve_device("cpu") == torch.device("cpu")
+    for kind in ("cpu", "cuda", "mps"):  # pure arguments: no device needed to build them
+        device = torch.device(kind)
+        assert bench.autocast_args(device, "bf16") == {"device_type": kind, "dtype": torch.bfloat16, "enabled": True}
+        assert bench.autocast_args(device, "fp32")["enabled"] is False
+    with pytest.raises(ValueError, match="fp32 or bf16"):
+        bench.autocast_args(torch.device("cpu"), "fp16")
+    bench.sync(torch.device("cpu"))  # a no-op, never an error
+
+
+def test_bf16_support_answers_with_a_reason():
+    ok, reason = bench.bf16_support(torch.device("cpu"))
+    assert isinstance(ok, bool)
+    assert ok or reason  # refused: the first line of why (oneDNN's LSTM on CPUs without AVX512-BF16 / AMX)
+
+
+def test_steppers_train_and_time_on_random_tensors():
+    stepper = bench.bare_lstm_stepper(4, 12, 8, torch.device("cpu"), "fp32", 1e-2, threads=1)
+    before = stepper.model.lstm.weight_hh_l0.detach().clone()
+    assert stepper.run(2) > 0
+    assert not torch.equal(before, stepper.model.lstm.weight_hh_l0)  # it really trained
+    time_major = bench.bare_lstm_stepper(4, 12, 8, torch.device("cpu"), "fp32", 1e-2, onednn=False, time_major=True)
+    assert time_major.run(1) > 0
+
+
+def test_tries_compare_variants_with_the_baseline(tmp_path):
+    p = load_params(ROOT / "params.yaml")
+    s = bench.Settings(batch_size=4, steps=1, repeats=1, warmup=0, windows_scale=0.01, data_repeats=1, threads=1,
+                       precision="fp32", device=torch.device("cpu"), dvc=False, tries=True, share=0, quick=True)
+    p = dataclasses.replace(p, pretrain=dataclasses.replace(p.pretrain, hidden_size=8))
+    tries = bench.bench_tries(p, s, 12, (False, "refused here"))
+    names = [t["name"] for t in tries]
+    assert names[0] == "baseline fp32" and tries[0]["vs_baseline"] == 1.0
+    assert {"batch 1", "batch 2", "batch 8", "time-major input (batch_first=False)", "model alone",
+            "model, decoder on masked steps only"} <= set(names)
+    assert tries[-1] == {"name": "bf16 autocast", "samples_per_second": None, "runs": [], "vs_baseline": None,
+                         "note": "not supported here: refused here"}
+    assert all(positive(t["samples_per_second"]) for t in tries[:-1])
+
+
+def test_per_window_baselines_compute_what_the_vectorised_code_does():
+    rng = np.random.default_rng(0)
+    close = 100 + np.cumsum(rng.normal(size=400))
+    prices = np.stack([close, close + 1, close - 1, close + 0.5], axis=1)
+    starts = np.arange(0, 300, 10)
+    np.testing.assert_allclose(bench.windows_per_window_loop(prices, starts, 50),
+                               normalise(cut_windows(prices, starts, 50)), atol=1e-6)
+    windows = normalise(cut_windows(prices, starts, 50))
+    kwargs = dict(multiplier=2, time_warp_sigma=0.12, jitter_sigma=0.01, scaling_sigma=0.05, knots=4, seed=3)
+    looped = bench.augment_per_window_loop(windows, **kwargs)
+    vectorised = augment_windows(windows, **kwargs)[len(windows):]
+    assert looped.shape == vectorised.shape and looped.dtype == np.float32
+    # Different draws, the same transforms: the copies stay close to the originals alike.
+    for copies in (looped, vectorised):
+        assert abs(np.abs(copies - np.tile(windows, (2, 1, 1))).mean() - 0.03) < 0.03
+
+
+def test_spec_estimate_is_epochs_times_samples_over_rate():
+    p = load_params(ROOT / "params.yaml")
+    e = bench.spec_estimate(p, loop_sps=1000.0, epoch_other_s=2.0, finetune_epoch_s=0.5, prepare_s=3.0,
+                            augment_s_per_window=1e-5, train_windows=9498)
+    exp1 = e["experiments"]["exp1_baseline"]
+    assert exp1["train_samples"] == 9498 * 5 and exp1["seconds"] == pytest.approx(75 * (47.490 + 2.0))
+    assert e["experiments"]["exp3_aggressive"]["seconds"] == pytest.approx(100 * (9498 * 6 / 1000 + 2.0))
+    assert e["finetune_seconds"] == pytest.approx(105 * 60 * 0.5)
+    assert e["total_seconds"] == pytest.approx(
+        3.0 + 9498 * (4 + 3 + 5) * 1e-5 + e["pretrain_seconds"] + e["finetune_seconds"])
