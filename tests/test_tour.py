@@ -39,7 +39,7 @@ def toured(reference_run, tmp_path_factory):
 
 def test_tour_runs_every_stage_through_dvc_and_prints_the_results(toured):
     repo, out = toured
-    assert out.startswith("$ dvc exp run -S scale.windows=0.05")
+    assert out.startswith("$ dvc exp run -S scale.windows=0.04")
     for stage in ["prepare", "augment@warp12_x4", "pretrain@exp1_baseline", "pretrain@exp5_random_mask", "select",
                   "finetune", "finetune_ablation@exp3_aggressive"]:
         assert f"Running stage '{stage}'" in out or f"Stage '{stage}' is cached" in out or (

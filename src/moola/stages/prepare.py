@@ -31,18 +31,19 @@ EXAMPLE_GAP_BARS = 5 * market.BARS_PER_DAY
 def example_source(p: Params) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(prices, timestamps, unlabeled starts, labeled starts, labels) from the built-in market."""
     d = p.data
-    n_unlabeled = p.unlabeled_windows
-    unlabeled_bars = (n_unlabeled - 1) * d.stride + d.window
+    # The market is always the spec's length: scale.windows takes fewer unlabeled windows from its start, and the
+    # labeled windows (from the stretch after the spec's unlabeled bars) are the same at every scale.
+    spec_bars = (d.unlabeled_windows - 1) * d.stride + d.window
     # Generous room for the labeled windows: consolidations and retracements are about half of all bars.
-    n_bars = unlabeled_bars + EXAMPLE_GAP_BARS + 6 * d.labeled_windows * d.window
+    n_bars = spec_bars + EXAMPLE_GAP_BARS + 6 * d.labeled_windows * d.window
     m = market.generate_market(n_bars, p.seed)
     labeled, labels = market.pick_labeled_ends(
-        m, unlabeled_bars + EXAMPLE_GAP_BARS, d.labeled_windows, d.window, d.min_final_segment, p.seed
+        m, spec_bars + EXAMPLE_GAP_BARS, d.labeled_windows, d.window, d.min_final_segment, p.seed
     )
     if len(labeled) < d.labeled_windows:
         raise DataError(f"example market: found only {len(labeled)} of data.labeled_windows={d.labeled_windows}")
     prices = m.bars[list(FEATURES)].to_numpy()
-    starts = unlabeled_starts(unlabeled_bars, d.window, d.stride, n_unlabeled)
+    starts = unlabeled_starts(spec_bars, d.window, d.stride, p.unlabeled_windows)
     return prices, m.bars["timestamp"].to_numpy(), starts, labeled, labels
 
 
