@@ -121,7 +121,8 @@ def test_steppers_train_and_time_on_random_tensors():
     assert time_major.run(1) > 0
 
 
-def test_tries_compare_variants_with_the_baseline(tmp_path):
+def test_tries_compare_variants_with_the_baseline(monkeypatch):
+    monkeypatch.chdir(ROOT)  # the OpenMP try starts workers that read params.yaml
     p = load_params(ROOT / "params.yaml")
     s = bench.Settings(batch_size=4, steps=1, repeats=1, warmup=0, windows_scale=0.01, data_repeats=1, threads=1,
                        precision="fp32", device=torch.device("cpu"), dvc=False, tries=True, share=0, quick=True)
@@ -134,6 +135,8 @@ def test_tries_compare_variants_with_the_baseline(tmp_path):
     assert tries[-1] == {"name": "bf16 autocast", "samples_per_second": None, "runs": [], "vs_baseline": None,
                          "note": "not supported here: refused here"}
     assert all(positive(t["samples_per_second"]) for t in tries[:-1])
+    passive = next(t for t in tries if t["name"].startswith("OMP_WAIT_POLICY=PASSIVE"))
+    assert len(passive["runs"]) == 1 and len(passive["baseline_runs"]) == 1
 
 
 def test_per_window_baselines_compute_what_the_vectorised_code_does():
