@@ -1,8 +1,9 @@
 """Performance harness: the pretraining loop against the bare LSTM that bounds it, and what else costs time.
 
-    python -m moola.bench            # a few minutes on 2 CPU cores; prints a table, writes metrics/bench.json
-    python -m moola.bench --tries    # also what could move the ceiling: bf16, oneDNN, threads, batch, layout
-    python -m moola.bench --quick    # a sanity run in seconds at tiny shapes (tests/test_bench.py uses it)
+    python -m moola.bench            # about 5 minutes on 2 CPU cores; prints a table, writes metrics/bench.json
+    python -m moola.bench --tries    # also what could move the ceiling: bf16, oneDNN, threads, OpenMP wait
+                                     # policy, batch size, layout, decoding masked steps only (10-15 minutes)
+    python -m moola.bench --quick    # a sanity run at tiny shapes, under a minute (tests/test_bench.py uses it)
 
 Run from the repository root (it reads params.yaml). Every figure is a median over repeats after a warm-up, timed
 with time.perf_counter (accelerators synchronised before each clock read); the ceiling, the model and the real
@@ -93,9 +94,8 @@ def autocast_args(device: torch.device, precision: str) -> dict:
 
 def bf16_support(device: torch.device) -> tuple[bool, str]:
     """Whether a bidirectional LSTM trains under bf16 autocast here; the reason when it does not."""
-    if device.type == "cuda":
-        ok = torch.cuda.is_bf16_supported()
-        return ok, "" if ok else f"{torch.cuda.get_device_name(device)} has no bf16"
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return False, f"{torch.cuda.get_device_name(device)} has no bf16"
     try:
         lstm = nn.LSTM(len(FEATURES), 8, batch_first=True, bidirectional=True).to(device)
         with torch.autocast(**autocast_args(device, "bf16")):
@@ -551,9 +551,9 @@ def bench_tries(p: Params, s: Settings, window: int, bf16: tuple[bool, str]) -> 
     for _, stepper in steppers.values():
         stepper.run(s.warmup)
     rates: dict[str, list[float]] = {name: [] for name in steppers}
-    # Half the main figures' work per timing (a dozen variants): one batch of the spec's size, at least 3 repeats.
+    # Half the main figures' work per timing (a dozen variants): one batch of the spec's size.
     samples = max(1, s.steps // 2) * b
-    for _ in range(max(3, (s.repeats + 1) // 2)):
+    for _ in range(s.repeats):
         for name, (batch, stepper) in steppers.items():
             steps = max(1, round(samples / batch))  # the same samples per timing whatever the batch
             rates[name].append(steps * batch / stepper.run(steps))
@@ -561,7 +561,7 @@ def bench_tries(p: Params, s: Settings, window: int, bf16: tuple[bool, str]) -> 
     tries = [{"name": name, "samples_per_second": median(r), "runs": r, "vs_baseline": median(r) / base}
              for name, r in rates.items()]
     if s.device.type == "cpu":
-        tries.append(try_omp_passive(s, window, hidden))
+        tries += try_omp_passive(s, window, hidden)
     if not bf16[0]:
         tries.append({"name": "bf16 autocast", "samples_per_second": None, "runs": [], "vs_baseline": None,
                       "note": f"not supported here: {bf16[1]}"})
@@ -630,16 +630,26 @@ def bench_share(s: Settings, single: float, window: int, hidden: int) -> dict:
             "aggregate_vs_single": sum(rates) / single}
 
 
-def try_omp_passive(s: Settings, window: int, hidden: int) -> dict:
+def try_omp_passive(s: Settings, window: int, hidden: int) -> list[dict]:
     """OMP_WAIT_POLICY=PASSIVE (OpenMP threads sleep instead of spinning between parallel regions) against the
-    default, each in fresh processes taking turns: it can only be set before torch starts."""
+    default, in fresh processes taking turns (it can only be set before torch starts): one process alone, and
+    two at once (a CPU shared with another training run or a test suite)."""
     steps, repeats = max(1, s.steps // 2), 3
-    default, passive = [], []
+    policies = {"default": {"OMP_WAIT_POLICY": None}, "passive": {"OMP_WAIT_POLICY": "PASSIVE"}}
+    alone: dict[str, list[float]] = {"default": [], "passive": []}
+    shared: dict[str, list[float]] = {"default": [], "passive": []}
     for _ in range(1 if s.quick else 2):
-        default += start_workers(s, 1, steps, repeats, window, hidden, {"OMP_WAIT_POLICY": None})
-        passive += start_workers(s, 1, steps, repeats, window, hidden, {"OMP_WAIT_POLICY": "PASSIVE"})
-    return {"name": "OMP_WAIT_POLICY=PASSIVE (fresh processes)", "samples_per_second": median(passive),
-            "runs": passive, "vs_baseline": median(passive) / median(default), "baseline_runs": default}
+        for name, env in policies.items():
+            alone[name] += start_workers(s, 1, steps, repeats, window, hidden, env)
+            shared[name].append(sum(start_workers(s, 2, steps, repeats, window, hidden, env)))
+    return [
+        {"name": "OMP_WAIT_POLICY=PASSIVE, one process", "samples_per_second": median(alone["passive"]),
+         "runs": alone["passive"], "vs_baseline": median(alone["passive"]) / median(alone["default"]),
+         "baseline_runs": alone["default"]},
+        {"name": "OMP_WAIT_POLICY=PASSIVE, two processes at once (sum)",
+         "samples_per_second": median(shared["passive"]), "runs": shared["passive"],
+         "vs_baseline": median(shared["passive"]) / median(shared["default"]), "baseline_runs": shared["default"]},
+    ]
 
 
 # --- full-spec estimate -------------------------------------------------------------------------------------
@@ -701,12 +711,12 @@ def format_table(r: dict) -> str:
         f"shapes: batch {st['batch_size']} x {st['window']} steps x 4 -> 2 x {st['hidden_size']} (bidirectional), "
         f"{st['steps']} steps x {st['repeats']} repeats after {st['warmup']} warm-up, precision {t['precision']}",
         "",
-        f"{'measurement':<52} {'median':>20}  runs",
+        f"{'measurement':<60} {'median':>20}  runs",
     ]
 
     def row(name: str, value: str, runs: list[float] | None = None) -> None:
         runs_text = " ".join(f"{x:,.0f}" if x >= 100 else f"{x:.2f}" for x in runs) if runs else ""
-        lines.append(f"{name:<52} {value:>20}  {runs_text}")
+        lines.append(f"{name:<60} {value:>20}  {runs_text}")
 
     row("1 bare nn.LSTM + linear decoder (random tensors)", _rate(t["bare_lstm"]["samples_per_second"]),
         t["bare_lstm"]["runs"])
@@ -722,12 +732,12 @@ def format_table(r: dict) -> str:
     row(f"3 prepare, whole core ({d['prepare']['windows']:,} windows)", _rate(d["prepare"]["windows_per_second"],
         "windows/s"))
     row("  windowing + normalise, vectorised", _rate(d["windowing"]["vectorised_windows_per_second"], "windows/s"))
-    row(f"  ... per-window Python loop (x{d['windowing']['speedup']:.0f} slower)",
+    row(f"  ... per-window Python loop (x{d['windowing']['speedup']:.1f} slower)",
         _rate(d["windowing"]["per_window_loop_windows_per_second"], "windows/s"))
     a = d["augment"]
     row(f"  augment {a['recipe']}: {a['train_windows']:,} x {a['windows_made'] // max(1, a['train_windows'])} "
         f"in {_duration(a['seconds'])}", _rate(a["vectorised_windows_per_second"], "windows/s"))
-    row(f"  ... per-window Python loop (x{a['speedup']:.0f} slower)",
+    row(f"  ... per-window Python loop (x{a['speedup']:.1f} slower)",
         _rate(a["per_window_loop_windows_per_second"], "windows/s"))
     if "noop_repro_seconds" in r["dvc"]:
         v = r["dvc"]
