@@ -1,0 +1,39 @@
+# Two commands from a fresh clone: `make tour` and `make test`. Each sets up .venv first, once.
+#
+# The venv is (re)installed only when it is missing or pyproject.toml is newer than its stamp, so a second
+# `make tour` starts the tour at once. On a GPU box whose system Python already has a CUDA build of torch, the
+# venv sees it (--system-site-packages) and keeps it; everywhere else it gets the pinned CPU build (an unpinned
+# torch would pull a multi-GB CUDA build). Extra options for the tour go in ARGS: make tour ARGS="-S mask=random".
+
+PYTHON ?= python3
+VENV ?= .venv
+CPU_TORCH := torch==2.13.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.moola-installed
+
+.PHONY: setup tour test
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@if [ ! -x "$(BIN)/python" ]; then \
+	  if $(PYTHON) -c "import sys, torch; sys.exit(0 if torch.version.cuda else 1)" 2>/dev/null; then \
+	    echo "make: the system Python has a CUDA torch: $(VENV) will use it"; \
+	    $(PYTHON) -m venv --system-site-packages "$(VENV)"; \
+	  else \
+	    $(PYTHON) -m venv "$(VENV)"; \
+	  fi; \
+	fi
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	@$(BIN)/python -c "import torch" 2>/dev/null || { echo "$(BIN)/python -m pip install --quiet $(CPU_TORCH)"; \
+	  $(BIN)/python -m pip install --quiet "$(CPU_TORCH)"; }
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	@touch "$(STAMP)"
+
+# The venv's bin goes first on PATH: moola calls dvc, and dvc's stages call python.
+tour: $(STAMP)
+	PATH="$(abspath $(BIN)):$$PATH" moola tour $(ARGS)
+
+# The README's test command.
+test: $(STAMP)
+	PATH="$(abspath $(BIN)):$$PATH" python -m pytest -q $(ARGS)
