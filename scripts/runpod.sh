@@ -14,8 +14,8 @@
 #      `python -m moola.parallel --jobs N --pull` (the five experiments concurrently, then the rest),
 #      `dvc push --run-cache`, and a commit of the new dvc.lock on the box's branch moola-results;
 #   7. print the commands that follow the logs and the GPU, then follow the log until the run ends;
-#   8. bring the results home: `git fetch` moola-results from the box, fast-forward to it, and pull the files
-#      (`python -m moola.remote pull`: dvc pull, then a check that every pushed output arrived).
+#   8. bring the results home: `git fetch` moola-results from the box, fast-forward to it, and `dvc pull` the
+#      files (with --only: that share and its upstream, `dvc pull --with-deps <stages>`).
 # With --dry-run every command is printed instead of run. --attach picks up at step 7 (after a dropped
 # connection). The box's side of step 6 is this script too: `scripts/runpod.sh --on-box` (from the commit).
 #
@@ -194,11 +194,12 @@ if [ "$FETCH" = 1 ]; then
     say "8. bring the results home: the box's dvc.lock through git, the files through the remote"
     run env GIT_SSH_COMMAND="$GIT_SSH" git fetch -q "$HOST:$BOX_DIR" "+refs/heads/moola-results:refs/heads/moola-results"
     if ! run git merge -q --ff-only moola-results; then
-        echo "error: scripts/runpod.sh: this branch moved since the run started: merge branch moola-results yourself, then: python -m moola.remote pull -r $REMOTE" >&2
+        echo "error: scripts/runpod.sh: this branch moved since the run started: merge branch moola-results yourself, then: dvc pull -r $REMOTE${ONLY:+ --with-deps $ONLY}" >&2
         exit 1
     fi
-    # dvc pull --allow-missing (the augmented arrays are never pushed), then a check that everything else came.
-    run env PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}" python -m moola.remote pull -r "$REMOTE"
+    # A plain pull: every output the box's dvc.lock records is on the remote, so exit 0 means all arrived
+    # (verify = true refuses a corrupted object). A share's dvc.lock records only the share and its upstream.
+    run python -m dvc pull -r "$REMOTE" ${ONLY:+--with-deps $ONLY}
     say "done: dvc.lock and the outputs of the box's run are here (git log -1; dvc metrics show)"
 else
     say "done: results are on branch moola-results on the box and on remote '$REMOTE'"

@@ -53,11 +53,6 @@ def lock_outputs(repo: Path) -> dict[str, str]:
     return {out["path"]: out["md5"] for stage in lock["stages"].values() for out in stage.get("outs", [])}
 
 
-def unpushed_outputs(repo: Path) -> set[str]:
-    """Outputs that never reach a remote: dvc.yaml marks augment's arrays `push: false`."""
-    return {path for path in lock_outputs(repo) if path.startswith("data/augmented/")}
-
-
 def workspace_md5s(repo: Path, paths) -> dict[str, str | None]:
     return {p: (md5_of(repo / p) if (repo / p).is_file() else None) for p in paths}
 
@@ -80,14 +75,10 @@ def copy_cache(src: Path, dest: Path) -> None:
 
 
 def seed_remote(src: Path, remote: Path, skip_cmd: str) -> int:
-    """Fill a folder remote with what pushing `src`'s runs would have put there (objects, run-cache; not the
-    never-pushed arrays), minus the run-cache entries whose cmd contains `skip_cmd`. Returns how many were left out.
+    """Fill a folder remote with what pushing `src`'s runs would have put there (objects, run-cache), minus the
+    run-cache entries whose cmd contains `skip_cmd`. Returns how many were left out.
     A folder remote has the cache's own layout (files/md5/.., runs/..)."""
-    unpushed = {lock_outputs(src)[p] for p in unpushed_outputs(src)}
-    shutil.copytree(
-        src / ".dvc" / "cache", remote, dirs_exist_ok=True,
-        ignore=lambda folder, names: [n for n in names if Path(folder).name + n in unpushed],
-    )
+    shutil.copytree(src / ".dvc" / "cache", remote, dirs_exist_ok=True)
     skipped = 0
     for entry in list((remote / "runs").glob("*/*/*")):
         if skip_cmd in (yaml.safe_load(entry.read_text()) or {}).get("cmd", ""):

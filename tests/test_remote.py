@@ -1,5 +1,6 @@
-"""The S3 remote, end to end against a real S3 server on 127.0.0.1 (moto): push, pull in a fresh clone,
-pull one encoder, the run-cache, the model registry (`dvc artifacts get`), and a corrupted object."""
+"""The remotes, end to end: the default folder remote and S3 against a real S3 server on 127.0.0.1 (moto): push,
+a plain `dvc pull` in a fresh clone, pull one encoder, the run-cache, the model registry (`dvc artifacts get`),
+and a corrupted or missing object."""
 
 from __future__ import annotations
 
@@ -15,9 +16,9 @@ from conftest import ROOT, run  # noqa: E402
 from pipeline_runs import (  # noqa: E402
     REGISTERED,
     clone,
+    copy_cache,
     md5_of,
     stages_run,
-    unpushed_outputs,
     workspace_md5s,
 )
 from s3server import S3Server, configure_remote  # noqa: E402
@@ -43,40 +44,40 @@ def s3(reference_run, s3_server: S3Server) -> S3Server:
     return s3_server
 
 
-def test_the_bucket_holds_every_output_but_the_augmented_arrays_and_the_run_cache(s3, reference_run):
+def test_the_bucket_holds_every_output_the_augmented_arrays_included_and_the_run_cache(s3, reference_run):
     keys = s3.keys(BUCKET, PREFIX)
     pushed = {k.split("/")[-2] + k.split("/")[-1] for k in keys if k.startswith(PREFIX + "files/md5/")}
-    outputs = reference_run.outputs
-    expected = {md5 for path, md5 in outputs.items() if path not in unpushed_outputs(reference_run.repo)}
-    assert pushed == expected
-    assert not {outputs[p] for p in unpushed_outputs(reference_run.repo)} & pushed
+    assert pushed == set(reference_run.outputs.values())
+    assert {p for p in reference_run.outputs if p.startswith("data/augmented/")} == {
+        f"data/augmented/{recipe}.npy" for recipe in ("warp12_x4", "warp10_x3", "warp15_x5")}
     assert any(k.startswith(PREFIX + "runs/") for k in keys), "dvc push --run-cache sent no run-cache"
 
 
-def test_a_fresh_clone_pulls_the_same_bytes_and_has_nothing_to_reproduce(s3, reference_run, tmp_path):
+def _pushed_to_the_default_remote(reference_run, where: Path) -> None:
+    """A clone at `where`/box of the reference run, with its cache, pushed to the committed default remote: the
+    folder `where`/moola-dvc-remote (the url is relative to .dvc/). The reference repository stays untouched."""
+    box = clone(reference_run.origin, where / "box")
+    copy_cache(reference_run.repo, box)
+    run(["dvc", "push", "--run-cache"], box)
+
+
+@pytest.mark.parametrize("remote", ["local", "s3"])
+def test_a_fresh_clone_pulls_every_output_with_a_plain_dvc_pull_and_has_nothing_to_reproduce(
+    remote, s3, reference_run, tmp_path
+):
+    if remote == "local":
+        _pushed_to_the_default_remote(reference_run, tmp_path)
     laptop = clone(reference_run.origin, tmp_path / "laptop")
-    configure_remote(laptop, s3)  # .dvc/config.local: endpoint and credentials, no environment needed
+    pull = ["dvc", "pull"]
+    if remote == "s3":
+        configure_remote(laptop, s3)  # .dvc/config.local: endpoint and credentials, no environment needed
+        pull += ["-r", "s3"]
     assert not any((laptop / p).exists() for p in reference_run.outputs)
-    pulled = run(["python", "-m", "moola.remote", "pull", "-r", "s3"], laptop)  # dvc pull --allow-missing, checked
-    assert "every pushed output is here" in pulled.stdout
 
-    unpushed = unpushed_outputs(laptop)
-    pulled = {p: m for p, m in reference_run.outputs.items() if p not in unpushed}
-    assert workspace_md5s(laptop, pulled) == pulled  # encoders, selected encoder, metrics, predictions, plots
-    assert all(not (laptop / p).exists() for p in unpushed)
-
-    # Only the arrays that are never pushed are missing (augment's outputs, pretrain's inputs), and DVC may
-    # leave them missing.
-    status = yaml.safe_load(run(["dvc", "status", "--json"], laptop).stdout)
-    changes = {path: what for stage in status.values() for item in stage for kind in item.values() for path, what in kind.items()}
-    assert set(changes) == unpushed and set(changes.values()) <= {"not in cache", "deleted"}
-    assert {name.split("@")[0] for name in status} == {"augment", "pretrain"}
-    assert stages_run(run(["dvc", "repro", "--allow-missing"], laptop).stdout) == []
-
-    # A plain `dvc repro` recomputes them (deterministic: the same md5) and nothing downstream.
-    ran = stages_run(run(["dvc", "repro"], laptop).stdout)
-    assert sorted(ran) == sorted(f"augment@{Path(p).stem}" for p in unpushed)
-    assert workspace_md5s(laptop, reference_run.outputs) == reference_run.outputs
+    pulled = run(pull, laptop, check=False)  # what a new user types first, no options
+    assert pulled.returncode == 0, pulled.stderr
+    assert f"{len(set(reference_run.outputs.values()))} files fetched" in pulled.stdout
+    assert workspace_md5s(laptop, reference_run.outputs) == reference_run.outputs  # the augmented arrays too
     assert "Data and pipelines are up to date" in run(["dvc", "status"], laptop).stdout
     assert stages_run(run(["dvc", "repro"], laptop).stdout) == []
     assert run(["git", "status", "--porcelain"], laptop).stdout == ""
@@ -151,36 +152,31 @@ def test_a_corrupted_object_on_the_remote_does_not_land_in_a_workspace(reference
         client.put_object(Bucket=BUCKET, Key=key, Body=bytes(body))
 
         # The committed config has `verify = true`: dvc pull re-hashes what it downloads and drops the corrupted
-        # file. A plain pull fails naming it (beside the augmented arrays, which are never pushed).
+        # file. A plain pull fails naming it, and only it: every other output is on the remote and checked out.
         laptop = clone(reference_run.origin, tmp_path / "laptop")
         configure_remote(laptop, s3)
         pulled = run(["dvc", "pull", "-r", "s3"], laptop, check=False)
         assert pulled.returncode == 1
-        failed = pulled.stderr.split("Checkout failed for following targets:")[1].split("Is your cache")[0].split()
-        assert sorted(failed) == sorted([encoder, *unpushed_outputs(laptop)])
+        assert _checkout_failed(pulled.stderr) == [encoder]
         assert not (laptop / encoder).exists()
         assert md5 not in cache_objects(laptop)
-        assert workspace_md5s(laptop, ["data/pretrained/exp1_baseline_encoder.pt"]) == {
-            "data/pretrained/exp1_baseline_encoder.pt": reference_run.outputs["data/pretrained/exp1_baseline_encoder.pt"]}
+        others = {p: m for p, m in reference_run.outputs.items() if p != encoder}
+        assert workspace_md5s(laptop, others) == others
         status = run(["dvc", "status", "pretrain@exp4_block_mask"], laptop).stdout
         assert "not in cache" in status and encoder in status
 
-        # --allow-missing (the way to skip the never-pushed arrays) also skips the corrupted file, with exit 0;
-        # moola.remote pull runs that pull (it stops on a non-zero exit), then fails naming what did not arrive.
-        checked = run(["python", "-m", "moola.remote", "pull", "-r", "s3"], laptop, check=False)
-        assert checked.returncode == 2
-        assert checked.stderr.strip().splitlines()[-1].startswith(f"error: {encoder}: not pulled from remote 's3'")
-        assert not (laptop / encoder).exists()
+        # --allow-missing would hide it: the same pull exits 0 without the file. Hence plain `dvc pull`.
+        hidden = run(["dvc", "pull", "-r", "s3", "--allow-missing"], laptop, check=False)
+        assert hidden.returncode == 0 and not (laptop / encoder).exists()
 
         # What `verify = true` prevents: without it the flipped bytes are checked out, the pull succeeds, and
         # `dvc status` trusts them (it records the expected md5 for the file it just wrote).
         unverified = clone(reference_run.origin, tmp_path / "unverified")
         configure_remote(unverified, s3)
         run(["dvc", "remote", "modify", "--local", "s3", "verify", "false"], unverified)
-        run(["dvc", "pull", "-r", "s3", "--allow-missing"], unverified)
+        run(["dvc", "pull", "-r", "s3"], unverified)
         assert md5_of(unverified / encoder) != md5
-        status = yaml.safe_load(run(["dvc", "status", "--json"], unverified).stdout)
-        assert encoder not in json_dumps(status)  # only the never-pushed arrays are reported
+        assert "Data and pipelines are up to date" in run(["dvc", "status"], unverified).stdout
 
         # `dvc artifacts get` streams from the remote and does not verify: moola.remote get runs it, finds the
         # downloaded bytes' md5 is not the recorded one, and refuses, leaving nothing behind.
@@ -194,3 +190,19 @@ def test_a_corrupted_object_on_the_remote_does_not_land_in_a_workspace(reference
         assert refused.stderr.startswith("error: ") and "is corrupted on the remote: its content has md5 " in refused.stderr
         assert f"the repository recorded {md5}" in refused.stderr
         assert not (out / "checked").exists()
+
+        # An object missing from the remote (here an augmented array) also fails a plain pull, naming the file.
+        array = "data/augmented/warp10_x3.npy"
+        gone = reference_run.outputs[array]
+        client.delete_object(Bucket=BUCKET, Key=f"{PREFIX}files/md5/{gone[:2]}/{gone[2:]}")
+        short = clone(reference_run.origin, tmp_path / "short")
+        configure_remote(short, s3)
+        pulled = run(["dvc", "pull", "-r", "s3"], short, check=False)
+        assert pulled.returncode == 1
+        assert _checkout_failed(pulled.stderr) == sorted([array, encoder])
+        assert not (short / array).exists()
+
+
+def _checkout_failed(stderr: str) -> list[str]:
+    """The files `dvc pull` names in "Checkout failed for following targets: ... Is your cache up to date?"."""
+    return sorted(stderr.split("Checkout failed for following targets:")[1].split("Is your cache")[0].split())

@@ -65,7 +65,7 @@ def test_dry_run_prints_the_round_trip_in_order(laptop_repo):
         "cat .moola/logs/runpod.exit",
         "git fetch -q root@gpu.example:moola +refs/heads/moola-results:refs/heads/moola-results",  # 8. home
         "git merge -q --ff-only moola-results",
-        "python -m moola.remote pull -r s3",
+        "python -m dvc pull -r s3",
     ]
     positions = [first_index(cmds, needle) for needle in order]
     assert positions == sorted(positions)
@@ -189,9 +189,11 @@ def test_round_trip_over_ssh(sshd, s3_server: S3Server, reference_run, tmp_path)
     assert set(lock) == {"prepare", "augment@warp12_x4", *share}  # only the upstream that the share needs
     assert all(lock[name] == reference[name] for name in lock)
     pulled = {p: m for p, m in reference_run.outputs.items()
-              if p.startswith("data/prepared/")
+              if p.startswith("data/prepared/") or p == "data/augmented/warp12_x4.npy"
               or (p.startswith(("data/pretrained/", "metrics/pretrain/", "plots/pretrain/"))
                   and any(e.split("@")[1] in p for e in share))}
-    assert len(pulled) == 2 + 3 * len(share)  # the prepared windows; each share's encoder, metrics and plot
+    # The prepared windows, the share's augmented array, each share's encoder, metrics and plot; nothing else.
+    assert len(pulled) == 3 + 3 * len(share)
     assert workspace_md5s(laptop, pulled) == pulled
+    assert {p for p in reference_run.outputs if (laptop / p).exists()} == set(pulled)
     assert run(["git", "status", "--porcelain", "--untracked-files=no"], laptop).stdout == ""

@@ -1,21 +1,17 @@
-"""Pull from a DVC remote and check that everything arrived; fetch a named model and check its bytes.
+"""Fetch a named model from a DVC remote and check its bytes.
 
-    python -m moola.remote pull [-r REMOTE]     # dvc pull, then fail naming any file that did not arrive
     python -m moola.remote get REPO NAME        # dvc artifacts get, then check the file's md5
 
-`pull`: the augmented arrays are never pushed (`push: false`), so a plain `dvc pull` always ends with "Checkout
-failed" for them, and `dvc pull --allow-missing` is the way to pull the rest; but --allow-missing also hides a
-file that is missing on the remote or corrupted there (`verify = true` drops a corrupted download, and the pull
-still exits 0). This runs `dvc pull --allow-missing`, then asks `dvc data status` which outputs are still not in
-the cache, and fails naming each one that dvc.yaml does not mark `push: false`.
-
-`get`: `dvc artifacts get` (like `dvc get`) streams the file from the remote without re-hashing it, so a corrupted object
+`dvc artifacts get` (like `dvc get`) streams the file from the remote without re-hashing it, so a corrupted object
 on the remote arrives as if it were fine (`verify = true` protects `dvc pull`, not these). This runs the same
 `dvc artifacts get` into a temporary file beside the destination, compares the file's md5 with the one the
 repository recorded for that version, and only then moves it into place; a mismatch leaves nothing behind.
 
     python -m moola.remote get git@github.com:team/moola.git selected-encoder --remote s3
     python -m moola.remote get ../moola exp4-block-mask-encoder --rev v0.0.1 -o encoders/
+
+To pull a run's files, a plain `dvc pull` does the job: every output is pushed, and with `verify = true` a
+missing or corrupted object makes it exit 1 naming the file (README, "Remotes").
 """
 
 from __future__ import annotations
@@ -112,33 +108,6 @@ def _download_checked(
         os.replace(tmp_file, dest)
 
 
-def unpushed_outputs(root: Path = Path(".")) -> set[str]:
-    """Outputs that dvc.yaml marks `push: false`: never on a remote, recomputed where needed."""
-    from dvc.repo import Repo
-
-    with Repo(str(root)) as repo:
-        return {out.def_path for out in repo.index.outs if not out.can_push}
-
-
-def pull(remote: str | None = None, root: Path = Path(".")) -> list[str]:
-    """`dvc pull --allow-missing`, then the outputs still missing from the cache that should have arrived."""
-    remote_args = ["-r", remote] if remote else []
-    proc = subprocess.run([sys.executable, "-m", "dvc", "pull", "--allow-missing", *remote_args], cwd=root)
-    if proc.returncode != 0:
-        raise MoolaError(f"dvc pull {' '.join(remote_args)} failed (exit {proc.returncode}); see its message above")
-    status = _dvc_json(["data", "status", "--json", "--granular"], root)
-    return sorted(set(status.get("not_in_cache", [])) - unpushed_outputs(root))
-
-
-def _dvc_json(args: list[str], root: Path) -> dict:
-    import json
-
-    proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise MoolaError(f"dvc {' '.join(args)} failed: {_last_line(proc.stderr)}")
-    return json.loads(proc.stdout or "{}")
-
-
 def _last_line(text: str) -> str:
     lines = [line for line in text.strip().splitlines() if line.strip()]
     return lines[-1] if lines else "(no output)"
@@ -147,8 +116,6 @@ def _last_line(text: str) -> str:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m moola.remote", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    pul = sub.add_parser("pull", help="dvc pull --allow-missing, then fail naming any pushed output that is missing")
-    pul.add_argument("-r", "--remote", help="DVC remote (default: the default remote)")
     get = sub.add_parser("get", help="dvc artifacts get, then check the file's md5 against the recorded one")
     get.add_argument("repo", help="the repository: a git URL or a local path")
     get.add_argument("name", help="artifact name from dvc.yaml (e.g. selected-encoder)")
@@ -163,18 +130,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         path = get_artifact(args.repo, args.name, args.rev, args.out, args.remote, args.remote_config)
         print(f"{path}: artifact '{args.name}' downloaded, md5 {md5_of(path)} matches the recorded one")
 
-    def _pull() -> None:
-        missing = pull(args.remote)
-        if missing:
-            named = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-            where = f"remote '{args.remote}'" if args.remote else "the default remote"
-            raise MoolaError(
-                f"{named}: not pulled from {where}: missing there, or corrupted there and refused "
-                f"by verify = true (`dvc pull -v` logs 'corrupted cache file'); the workspace does not have them"
-            )
-        print("pulled: every pushed output is here (the augmented arrays are never pushed: dvc repro remakes them)")
-
-    run_main(_get if args.command == "get" else _pull)
+    run_main(_get)
 
 
 if __name__ == "__main__":
