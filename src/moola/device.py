@@ -5,6 +5,10 @@ from __future__ import annotations
 import torch
 
 from moola.errors import ParamsError
+from moola.numerics import set_cublas_workspace
+
+# Before anything touches CUDA: cuBLAS reads it once, when CUDA's runtime starts (determinism, moola.numerics).
+set_cublas_workspace()
 
 
 def _mps_available() -> bool:
