@@ -88,7 +88,8 @@ def test_dvc_pipeline_runs_skips_and_reruns_only_what_changed(reference_run, tmp
         rows = (repo / f"plots/pretrain/{exp}.csv").read_text().splitlines()
         assert rows[0] == "epoch,train_loss,val_loss" and len(rows) == 1 + metrics["epochs_run"]
         runtime = json.loads((repo / f"metrics/runtime/pretrain_{exp}.json").read_text())
-        assert set(runtime) == {"seconds", "samples_per_second", "device", "torch", "threads", "precision"}
+        assert set(runtime) == {"seconds", "samples_per_second", "device", "torch", "threads", "precision", "numerics"}
+        assert runtime["numerics"]["lstm_dtype"] == "float32" and runtime["numerics"]["tf32"] is False
     assert [json.loads((repo / f"metrics/pretrain/{e}.json").read_text())["epochs_planned"] for e in EXPERIMENTS] == [
         3, 2, 4, 3, 3
     ]

@@ -147,7 +147,8 @@ def main(argv: list[str] | None = None) -> None:
     result = pretrain(train, val, exp, p.seed, device=device, resume_path=resume, fingerprint=fingerprint)
 
     save_encoder_checkpoint(
-        encoder_path(exp.name), result.model, encoder_hyperparams(exp, p.data.window), result.training
+        encoder_path(exp.name), result.model, encoder_hyperparams(exp, p.data.window, result.numerics),
+        result.training,
     )
     io.write_json(metrics_path(exp.name), metrics(result, exp))
     io.write_text(plots_path(exp.name), plot_csv(result))
@@ -160,6 +161,8 @@ def main(argv: list[str] | None = None) -> None:
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
             "precision": result.precision,
+            # What really ran: the LSTM's dtype (read from its output), autocast, loss scaling, TF32, cuDNN flags.
+            "numerics": result.numerics,
         },
     )
     resume.unlink(missing_ok=True)
