@@ -12,10 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
 from moola import finetuning, io
-from moola.device import describe, pick_device
+from moola.device import describe, pick_device, use_threads
 from moola.errors import DataError, ParamsError, run_main
 from moola.evaluation import success_criteria
 from moola.models import load_encoder_checkpoint
@@ -60,9 +59,8 @@ def run(p: Params, encoder: Path, ablation: str | None) -> None:
     if len(set(ft.seeds)) != len(ft.seeds):
         raise ParamsError(f"{PARAMS_FILE}: finetune.seeds must be distinct, got {ft.seeds}")
     device = pick_device(ft.device, key="finetune.device")
-    if device.type == "cpu":
-        # Fixed, so that the bytes of every output do not depend on the machine's core count.
-        torch.set_num_threads(ft.threads)
+    # Fixed on the CPU, so that the bytes of every output do not depend on the machine's core count.
+    use_threads(device, ft.threads)
     apply_cuda_settings(device, ft.tf32, ft.deterministic)
     labeled = read_windows(LABELED)
     if labeled.label is None:
