@@ -94,9 +94,15 @@ def autocast_args(device: torch.device, precision: str) -> dict:
 
 
 def bf16_support(device: torch.device) -> tuple[bool, str]:
-    """Whether a bidirectional LSTM trains under bf16 autocast here; the reason when it does not."""
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        return False, f"{torch.cuda.get_device_name(device)} has no bf16"
+    """Whether a bidirectional LSTM trains in bf16 under bf16 autocast here; the reason when it does not.
+
+    Asked of the LSTM itself (its output's dtype), never of torch.cuda.is_bf16_supported(): cuDNN's autocast
+    wrapper may run it in float16 on a GPU that supports bf16 (moola.numerics)."""
+    from moola.numerics import probe_lstm_dtype
+
+    found, reason = probe_lstm_dtype(device, torch.bfloat16)
+    if found and found != "bfloat16":
+        return False, f"under bf16 autocast the LSTM runs in {found}"
     try:
         lstm = nn.LSTM(len(FEATURES), 8, batch_first=True, bidirectional=True).to(device)
         with torch.autocast(**autocast_args(device, "bf16")):

@@ -31,11 +31,11 @@ import torch
 
 from moola import io
 from moola.device import describe, pick_device, use_threads
-from moola.errors import TrainingDiverged
+from moola.errors import ParamsError, TrainingDiverged
 from moola.masking import make_mask
 from moola.models import BiLSTMMaskedAutoencoder
 from moola.numerics import Numerics, apply_cuda_settings, decide, dtype_name, probe_lstm_dtype
-from moola.params import FEATURES, Experiment, as_dict
+from moola.params import FEATURES, PARAMS_FILE, Experiment, as_dict
 
 RESUME_DIR = Path(".moola/resume/pretrain")
 RESUME_FORMAT = "moola-pretrain-resume/2"
@@ -226,11 +226,14 @@ def pretrain(
     fingerprint: str = "",
     log: Log = log_line,
     probe=probe_lstm_dtype,
+    masks_ahead: bool | None = None,
 ) -> PretrainResult:
     """Train a BiLSTMMaskedAutoencoder on `train` (n, window, 4), validate on `val` each epoch, keep the best.
 
     Raises TrainingDiverged, at the end of the epoch where it happened, when a loss is NaN or infinite.
     `probe(device, dtype)` answers the LSTM's dtype under autocast (moola.numerics; a test may fake it).
+    `masks_ahead`: draw the next epoch's masks in a background thread (default: on accelerators only; on the CPU
+    the thread would take cores from training).
     """
     cfg = experiment.train
     device = device or pick_device(cfg.device)
@@ -291,7 +294,9 @@ def pretrain(
 
     # On an accelerator the next epoch's masks are drawn while this one trains. The mask generator's state at
     # an epoch boundary (what the resume checkpoint keeps) is read before the next draw starts.
-    ahead = ThreadPoolExecutor(1, thread_name_prefix="moola-masks") if device.type != "cpu" else None
+    if masks_ahead is None:
+        masks_ahead = device.type != "cpu"
+    ahead = ThreadPoolExecutor(1, thread_name_prefix="moola-masks") if masks_ahead else None
     upcoming: Future | None = None
     mask_state = mask_gen.get_state()
     show_bar = sys.stderr.isatty()
@@ -339,6 +344,12 @@ def pretrain(
                     bar.update(1)
             if bar is not None:
                 bar.close()
+            if seen.get("lstm_dtype") == "float16" and scaler is None:
+                # What the probe should have prevented (moola.numerics): float16 gradients without loss scaling.
+                raise ParamsError(
+                    f"{PARAMS_FILE}: pretrain.precision {cfg.precision}: the LSTM ran in float16 without loss "
+                    "scaling, which flushes its small gradients to zero; use precision fp16 (scaled) or fp32"
+                )
             # The epoch's one read of the training losses: the sums run in float64 in batch order, as they did
             # when each batch's loss was read on its own.
             loss_values = losses.tolist()
