@@ -60,7 +60,8 @@ def concurrency(jobs: int, cores: int, threads: int, gpus: Sequence[str]) -> tup
     On GPUs: all of them (the GPU computes; each job's CPU threads get cores / jobs). On the CPU, the torch thread
     count decides the bytes (threads 1 and 2 gave different weights at hidden 128, BENCHMARKS.md), and it is a
     param (pretrain.threads, finetune.threads): a job never runs with fewer. So at most cores / threads at once;
-    more would oversubscribe the cores (two 2-thread trainings on 2 cores ran 25x slower, not 2x).
+    more would oversubscribe the cores (two 2-thread trainings at once on 2 cores: 48 samples/s each against
+    ~700 alone, BENCHMARKS.md).
     """
     if gpus or jobs * threads <= cores:
         return jobs, ""
