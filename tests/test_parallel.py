@@ -130,13 +130,16 @@ def boxes(reference_run, tmp_path_factory):
         run(["dvc", "remote", "modify", "--local", "local", "url", str(remote)], repo)
         return repo
 
+    # --cores 5: this machine has 2, and moola.parallel runs no more 1-thread CPU jobs at once than there are
+    # cores; the point here is concurrency against DVC's locks, at a size where oversubscribing costs nothing.
     a = machine("box-a")
-    found["a_out"] = run(["python", "-m", "moola.parallel", "--jobs", "3", "--pull", "--only", *BOX_A], a).stdout
+    found["a_out"] = run(["python", "-m", "moola.parallel", "--jobs", "3", "--cores", "5", "--pull", "--only", *BOX_A],
+                         a).stdout
     run(["dvc", "push", "--run-cache"], a)
     found["a_lock"] = yaml.safe_load((a / "dvc.lock").read_text())
 
     b = machine("box-b")
-    found["b_out"] = run(["python", "-m", "moola.parallel", "--jobs", "5", "--pull"], b).stdout
+    found["b_out"] = run(["python", "-m", "moola.parallel", "--jobs", "5", "--cores", "5", "--pull"], b).stdout
     run(["dvc", "push", "--run-cache"], b)
     run(["git", "add", "dvc.lock"], b)
     run(["git", "commit", "-q", "-m", "results from box B"], b)
@@ -147,6 +150,8 @@ def boxes(reference_run, tmp_path_factory):
 def test_box_a_runs_its_share_concurrently_and_only_that(boxes):
     out = boxes["a_out"]
     assert _concurrent(out, BOX_A)
+    assert "each job: 1 CPU thread(s) of 5 cores, no GPU" in out  # --cores 5 shared by 3 jobs
+    assert all(f"]   {name}: 1 CPU thread\n" in out for name in BOX_A)
     assert all(_outcome(out, name) == "ran" for name in BOX_A)
     assert "then: nothing (--only)" in out
     assert set(boxes["a_lock"]["stages"]) == {"prepare", *(f"augment@{r}" for r in RECIPES), *BOX_A}

@@ -165,7 +165,7 @@ def _outcome(log_text: str) -> str:
 
 def _placement(env: Mapping[str, str]) -> str:
     gpu = f"GPU {env['CUDA_VISIBLE_DEVICES']}, " if "CUDA_VISIBLE_DEVICES" in env else ""
-    return f" [{gpu}{env[THREAD_BUDGET_VAR]} CPU thread{'s' if env[THREAD_BUDGET_VAR] != '1' else ''}]"
+    return f"{gpu}{env[THREAD_BUDGET_VAR]} CPU thread{'s' if env[THREAD_BUDGET_VAR] != '1' else ''}"
 
 
 @dataclass
@@ -210,8 +210,9 @@ def run_concurrently(plan: Plan, jobs: int, log_dir: Path, pull: bool = False,
             with open(log, "ab" if attempts[name] > 1 else "wb") as out:
                 proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
             running.append(_Job(name, log, proc, time.monotonic(), attempts[name]))
-            where = "" if env is None else _placement(env)
-            _say(f"started {name} (log: {log}){where}")
+            _say(f"started {name} (log: {log})")
+            if env is not None:
+                _say(f"  {name}: {_placement(env)}")
         time.sleep(0.2)
         for job in list(running):
             code = job.proc.poll()
@@ -269,11 +270,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--pull", action="store_true",
         help="pass --pull to dvc repro: reuse outputs and run-cache entries from the default remote",
     )
+    parser.add_argument(
+        "--cores", type=int, default=0,
+        help="CPU cores to share among the jobs (default: those this process may use)",
+    )
     parser.add_argument("--log-dir", type=Path, default=LOG_DIR, help=f"one log per stage (default: {LOG_DIR})")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and exit")
     args = parser.parse_args(argv)
     if args.jobs < 0:
         parser.error(f"--jobs must be at least 1, got {args.jobs}")
+    if args.cores < 0:
+        parser.error(f"--cores must be at least 1, got {args.cores}")
     return args
 
 
@@ -291,7 +298,7 @@ def _main(argv: Sequence[str]) -> None:
     jobs = args.jobs or len(plan.parallel)
     pull = ["--pull"] if args.pull else []
     gpus = visible_gpus(os.environ, list_gpus())
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = args.cores or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
     at_once, why = concurrency(min(jobs, len(plan.parallel)) or 1, cores, cpu_threads(root), gpus)
     if why:
         _say(why)

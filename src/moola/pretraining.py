@@ -191,7 +191,7 @@ class EpochMasks:
     def to(self, device: torch.device) -> "EpochMasks":
         if device.type == "cpu":
             return self
-        # Pinned host memory (made by the drawing thread): the copies are queued and return at once.
+        # From pinned host memory on CUDA (made by the drawing thread): the copies are queued and return at once.
         return EpochMasks(self.mask.to(device, non_blocking=True), self.index.to(device, non_blocking=True),
                           self.offsets, self.values)
 
@@ -209,7 +209,8 @@ def masked_mse_at(pred: torch.Tensor, target: torch.Tensor, index: torch.Tensor)
 
 
 def _pin(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    return t if device.type == "cpu" else t.pin_memory()
+    """Page-locked on CUDA, where a copy from it is queued and returns at once; as it is elsewhere."""
+    return t.pin_memory() if device.type == "cuda" else t
 
 
 # --- the loop -----------------------------------------------------------------------------------------------
@@ -272,7 +273,7 @@ def pretrain(
         mask = make_mask(experiment.mask, n, window, ratio=cfg.mask_ratio, generator=generator,
                          patch_size=cfg.patch_size, block_spans=cfg.block_spans)
         masks = EpochMasks.cut(mask, cfg.batch_size, features)
-        return masks if device.type == "cpu" else masks.pinned()
+        return masks.pinned() if device.type == "cuda" else masks
 
     # Shuffling and training masks each have their own generator, saved in the resume checkpoint.
     shuffle_gen = torch.Generator().manual_seed(_stream_seed(seed, "shuffle"))
