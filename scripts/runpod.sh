@@ -8,7 +8,8 @@
 #   2. bring the code there with git: push the current commit over SSH into <dir> on the box, check it out;
 #   3. give the box the laptop's remote settings (.dvc/config.local: endpoint, credentials);
 #   4. set up Python there (a venv with `pip install -e .`, seeing the image's CUDA torch), unless --python,
-#      and make --remote the box's default remote;
+#      and make --remote the box's default remote; then `moola doctor`, the box's first minute: it stops here,
+#      with one line, if training would not use the box's GPU, and prints the precision and speed it will get;
 #   5. `dvc pull` what the remote already has;
 #   6. start, detached with nohup (it survives a dropped connection), the box's share:
 #      `python -m moola.parallel --jobs N --pull` (the five experiments concurrently, then the rest),
@@ -19,7 +20,10 @@
 # With --dry-run every command is printed instead of run. --attach picks up at step 7 (after a dropped
 # connection). The box's side of step 6 is this script too: `scripts/runpod.sh --on-box` (from the commit).
 #
-# Defaults come from RUNPOD_HOST, RUNPOD_PORT (22), RUNPOD_KEY; extra ssh options from RUNPOD_SSH_OPTS.
+# Defaults come from RUNPOD_HOST, RUNPOD_PORT (22), RUNPOD_KEY; extra ssh options from RUNPOD_SSH_OPTS (they win
+# over the defaults). A new pod's host key is accepted on first contact into .moola/known_hosts (this checkout's
+# own file; a changed key for a known host:port is still refused). RunPod: the pod needs "SSH over exposed TCP"
+# (a public IP and port, the PORT here); the proxied ssh.runpod.io login cannot run commands or git.
 set -euo pipefail
 
 usage() {
@@ -29,7 +33,8 @@ Options:
   --dry-run        print each command instead of running it
   --jobs N         experiments at once on the box (default 5)
   --remote NAME    the DVC remote that laptop and box share (default s3)
-  --dir PATH       the repository on the box, relative to the login's home or absolute (default moola)
+  --dir PATH       the repository on the box, relative to the login's home or absolute (default /workspace/moola:
+                   RunPod's persistent volume; the container disk, and ~, are wiped when the pod stops)
   --python PATH    a Python on the box that already has moola's dependencies (default: <dir>/.venv, made there)
   --only "STAGES"  this box's share: run only these stages (e.g. "pretrain@exp1_baseline pretrain@exp2_conservative"),
                    not the rest of the pipeline (README, "More than one box")
@@ -39,7 +44,7 @@ Options:
 EOF
 }
 
-DRY_RUN=0; JOBS=5; REMOTE=s3; BOX_DIR=moola; BOX_PYTHON=""; ATTACH=0; FETCH=1; ON_BOX=0; ONLY=""
+DRY_RUN=0; JOBS=5; REMOTE=s3; BOX_DIR=/workspace/moola; BOX_PYTHON=""; ATTACH=0; FETCH=1; ON_BOX=0; ONLY=""
 POSITIONAL=()
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -114,10 +119,17 @@ ROOT=$(git rev-parse --show-toplevel 2>/dev/null) || {
     echo "error: scripts/runpod.sh: not inside a git repository (run it from the moola checkout)" >&2; exit 2; }
 cd "$ROOT"
 
-SSH=(ssh -p "$PORT" -o BatchMode=yes -o ConnectTimeout=15)
-[ -n "$KEY" ] && SSH+=(-i "$KEY")
+KNOWN_HOSTS="$ROOT/.moola/known_hosts"
+[ "$DRY_RUN" = 1 ] || mkdir -p "$(dirname "$KNOWN_HOSTS")"
+SSH=(ssh -p "$PORT")
+# ssh keeps the first value it is given for an option: RUNPOD_SSH_OPTS come first so that they win.
 # shellcheck disable=SC2206  # RUNPOD_SSH_OPTS is a list of options, split on purpose
 [ -n "${RUNPOD_SSH_OPTS:-}" ] && SSH+=(${RUNPOD_SSH_OPTS})
+# accept-new: every new pod has a new host key, and BatchMode cannot ask about it. ServerAlive: the log follow
+# (step 7) is silent for long stretches; a NAT that drops idle connections would end it without it.
+SSH+=(-o BatchMode=yes -o ConnectTimeout=15 -o StrictHostKeyChecking=accept-new -o "UserKnownHostsFile=$KNOWN_HOSTS"
+      -o ServerAliveInterval=30 -o ServerAliveCountMax=4)
+[ -n "$KEY" ] && SSH+=(-i "$KEY")
 GIT_SSH="${SSH[*]}"
 # A command on the box; a dry run shows it as one would type it.
 on_box() {
@@ -165,6 +177,8 @@ if [ "$ATTACH" = 0 ]; then
         on_box "$IN_DIR { test -x .venv/bin/python || python3 -m venv --system-site-packages .venv; } && .venv/bin/python -m pip install -q -e ."
     fi
     on_box "$IN_DIR $(q "$BOX_PY") -m dvc remote default --local $(q "$REMOTE")"
+    say "4b. the box's first minute: moola doctor (stops here if training would not use the GPU)"
+    on_box "$IN_DIR PYTHONPATH=src $(q "$BOX_PY") -m moola.doctor"
 
     say "5. dvc pull what the remote already has"
     on_box "$IN_DIR $(q "$BOX_PY") -m dvc pull --allow-missing"

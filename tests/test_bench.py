@@ -101,8 +101,9 @@ def test_auto_device_and_dtype_handling_for_every_device_type():
         device = torch.device(kind)
         assert bench.autocast_args(device, "bf16") == {"device_type": kind, "dtype": torch.bfloat16, "enabled": True}
         assert bench.autocast_args(device, "fp32")["enabled"] is False
-    with pytest.raises(ValueError, match="fp32 or bf16"):
-        bench.autocast_args(torch.device("cpu"), "fp16")
+        assert bench.autocast_args(device, "fp16") == {"device_type": kind, "dtype": torch.float16, "enabled": True}
+    with pytest.raises(ValueError, match="fp32, bf16 or fp16"):
+        bench.autocast_args(torch.device("cpu"), "fp64")
     bench.sync(torch.device("cpu"))  # a no-op, never an error
 
 

@@ -19,7 +19,8 @@ pytest.register_assert_rewrite("pipeline_runs")  # before its import below: it i
 
 from conftest import run  # noqa: E402
 from moola.errors import MoolaError  # noqa: E402
-from moola.parallel import make_plan  # noqa: E402
+from moola.device import thread_budget  # noqa: E402
+from moola.parallel import concurrency, job_env, make_plan, visible_gpus  # noqa: E402
 from pipeline_runs import clone, copy_cache, same_lock, seed_remote, stages_run, workspace_md5s  # noqa: E402
 
 pytest_plugins = ["pipeline_runs"]
@@ -58,6 +59,32 @@ def test_plan_runs_the_upstream_first_then_the_group_concurrently():
 
     with pytest.raises(MoolaError, match="no stage or foreach group named 'pretrian'"):
         make_plan(graph(), ["pretrian"])
+
+
+def test_jobs_get_gpus_round_robin_and_a_share_of_the_cores():
+    smi = ["GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-a)", "GPU 1: NVIDIA H100 80GB HBM3 (UUID: GPU-b)"]
+    assert visible_gpus({}, smi) == ["0", "1"]
+    assert visible_gpus({"CUDA_VISIBLE_DEVICES": "3, 5"}, smi) == ["3", "5"]  # the user's choice wins
+    assert visible_gpus({}, None) == [] and visible_gpus({"CUDA_VISIBLE_DEVICES": ""}, smi) == []
+    envs = [job_env(slot, 5, {"PATH": "/bin"}, ["0", "1"], 16) for slot in range(5)]
+    assert [e["CUDA_VISIBLE_DEVICES"] for e in envs] == ["0", "1", "0", "1", "0"]
+    assert {e["MOOLA_THREAD_BUDGET"] for e in envs} == {"3"} and envs[0]["OMP_NUM_THREADS"] == "3"
+    assert envs[0]["OMP_WAIT_POLICY"] == "PASSIVE" and envs[0]["PATH"] == "/bin"
+    cpu = job_env(0, 2, {}, [], 2)  # this machine: 2 cores, 2 jobs -> 1 thread each, no GPU variable
+    assert cpu["MOOLA_THREAD_BUDGET"] == "1" and "CUDA_VISIBLE_DEVICES" not in cpu
+    assert job_env(0, 5, {}, [], 2)["MOOLA_THREAD_BUDGET"] == "1"  # at least 1
+    alone = job_env(0, 1, {"OMP_WAIT_POLICY": "ACTIVE"}, [], 2)
+    assert alone["MOOLA_THREAD_BUDGET"] == "2" and alone["OMP_WAIT_POLICY"] == "ACTIVE"
+    assert thread_budget({"MOOLA_THREAD_BUDGET": "3"}) == 3 and thread_budget({}) is None
+
+
+def test_cpu_jobs_never_get_fewer_threads_than_their_param():
+    # The thread count changes the CPU bytes: on 2 cores, two 2-thread jobs run one after the other.
+    assert concurrency(2, 2, 2, []) == (1, concurrency(2, 2, 2, [])[1])
+    assert "do not fit in 2 cores: 1 at a time" in concurrency(2, 2, 2, [])[1]
+    assert concurrency(2, 2, 1, []) == (2, "") and concurrency(5, 16, 2, []) == (5, "")
+    assert concurrency(5, 16, 4, []) == (4, concurrency(5, 16, 4, [])[1])
+    assert concurrency(5, 2, 2, ["0"]) == (5, "")  # on a GPU the CPU threads decide no number
 
 
 def test_unknown_target_is_one_line_and_exit_2(reference_run):
@@ -103,13 +130,16 @@ def boxes(reference_run, tmp_path_factory):
         run(["dvc", "remote", "modify", "--local", "local", "url", str(remote)], repo)
         return repo
 
+    # --cores 5: this machine has 2, and moola.parallel runs no more 1-thread CPU jobs at once than there are
+    # cores; the point here is concurrency against DVC's locks, at a size where oversubscribing costs nothing.
     a = machine("box-a")
-    found["a_out"] = run(["python", "-m", "moola.parallel", "--jobs", "3", "--pull", "--only", *BOX_A], a).stdout
+    found["a_out"] = run(["python", "-m", "moola.parallel", "--jobs", "3", "--cores", "5", "--pull", "--only", *BOX_A],
+                         a).stdout
     run(["dvc", "push", "--run-cache"], a)
     found["a_lock"] = yaml.safe_load((a / "dvc.lock").read_text())
 
     b = machine("box-b")
-    found["b_out"] = run(["python", "-m", "moola.parallel", "--jobs", "5", "--pull"], b).stdout
+    found["b_out"] = run(["python", "-m", "moola.parallel", "--jobs", "5", "--cores", "5", "--pull"], b).stdout
     run(["dvc", "push", "--run-cache"], b)
     run(["git", "add", "dvc.lock"], b)
     run(["git", "commit", "-q", "-m", "results from box B"], b)
@@ -120,6 +150,8 @@ def boxes(reference_run, tmp_path_factory):
 def test_box_a_runs_its_share_concurrently_and_only_that(boxes):
     out = boxes["a_out"]
     assert _concurrent(out, BOX_A)
+    assert "each job: 1 CPU thread(s) of 5 cores, no GPU" in out  # --cores 5 shared by 3 jobs
+    assert all(f"]   {name}: 1 CPU thread\n" in out for name in BOX_A)
     assert all(_outcome(out, name) == "ran" for name in BOX_A)
     assert "then: nothing (--only)" in out
     assert set(boxes["a_lock"]["stages"]) == {"prepare", *(f"augment@{r}" for r in RECIPES), *BOX_A}

@@ -80,6 +80,7 @@ def test_dvc_pipeline_runs_skips_and_reruns_only_what_changed(reference_run, tmp
         assert encoder["format"] == "moola-encoder/1"
         assert (hp["experiment"], hp["mask_strategy"], hp["hidden_size"], hp["window"]) == (exp, mask, 16, 105)
         assert hp["bidirectional"] is True and hp["features"] == ["open", "high", "low", "close"]
+        assert (hp["precision"], hp["lstm_dtype"], hp["tf32"]) == ("fp32", "float32", False)
         assert encoder["state_dict"]["weight_hh_l0_reverse"].shape == (64, 16)
         metrics = json.loads((repo / f"metrics/pretrain/{exp}.json").read_text())
         assert set(metrics) == METRIC_KEYS and metrics["mask"] == mask
@@ -88,7 +89,9 @@ def test_dvc_pipeline_runs_skips_and_reruns_only_what_changed(reference_run, tmp
         rows = (repo / f"plots/pretrain/{exp}.csv").read_text().splitlines()
         assert rows[0] == "epoch,train_loss,val_loss" and len(rows) == 1 + metrics["epochs_run"]
         runtime = json.loads((repo / f"metrics/runtime/pretrain_{exp}.json").read_text())
-        assert set(runtime) == {"seconds", "samples_per_second", "device", "torch", "threads", "precision"}
+        assert set(runtime) == {"seconds", "samples_per_second", "device", "torch", "threads", "precision", "numerics",
+                                "peak_gpu_memory_mib"}
+        assert runtime["numerics"]["lstm_dtype"] == "float32" and runtime["numerics"]["tf32"] is False
     assert [json.loads((repo / f"metrics/pretrain/{e}.json").read_text())["epochs_planned"] for e in EXPERIMENTS] == [
         3, 2, 4, 3, 3
     ]

@@ -39,7 +39,7 @@ def tiny_windows(n, window=24, seed=0):
 
 def tiny_experiment(epochs=2, mask="patch", **overrides):
     train = dict(epochs=epochs, hidden_size=8, decoder_hidden=8, batch_size=16, patch_size=4, device="cpu",
-                 learning_rate=1e-2, threads=1)
+                 learning_rate=1e-2, threads=1, resume_every_seconds=0)
     train.update(overrides)
     return Experiment("exp_tiny", mask, PretrainParams(**train), epochs, AugmentRecipe(0.12, 4))
 '''
@@ -174,6 +174,110 @@ def test_killed_run_resumes_to_identical_bytes(tmp_path):
     save_encoder_checkpoint(tmp_path / "straight.pt", result.model, encoder_hyperparams(exp, 24), result.training)
     assert (tmp_path / "resumed.pt").read_bytes() == (tmp_path / "straight.pt").read_bytes()
     assert load_encoder_checkpoint(tmp_path / "resumed.pt", expect_hidden=8).hyperparams["window"] == 24
+
+
+# Recorded with the per-batch loop of commit 5bd7bb5 (masks drawn per batch, loss.item() per step, boolean-mask
+# indexing), before the loop stopped waiting on the host: sha256 over the best encoder's state_dict (name, then
+# tensor bytes, in state_dict order) and every epoch's losses as float.hex(). 70 windows in batches of 16: the
+# last batch is partial. The same values came out with threads=2.
+REFERENCE = {
+    "random": ("970f8978bb02eef7529173bacdf7f59a59936b1b4213a30ebdcc7a20cb6402bf",
+      [
+        (1, '0x1.ce9c3d8af8af9p-2', '0x1.6ac92e0000000p-2'),
+        (2, '0x1.0bff41ccccccdp-2', '0x1.6883800000000p-3'),
+        (3, '0x1.127a750000000p-3', '0x1.94d7ae0000000p-4'),
+      ]),
+    "block": ("0a4568901e7b3cf91eff9897a7c5c6817b55598ea804cef284617864fe4261ef",
+      [
+        (1, '0x1.f5c115e2be2bep-2', '0x1.8826420000000p-2'),
+        (2, '0x1.32c6475f15f16p-2', '0x1.70c5c20000000p-3'),
+        (3, '0x1.2b8d83c57c57cp-3', '0x1.5ecfb00000000p-4'),
+      ]),
+    "patch": ("41bff06965755fe9c2933fb354ab7906fb1c732ef95e37fc412fb3c243516477",
+      [
+        (1, '0x1.d6004e3a83a84p-2', '0x1.6545d60000000p-2'),
+        (2, '0x1.152bc4ea0ea0fp-2', '0x1.6c50f60000000p-3'),
+        (3, '0x1.26bd11ccccccdp-3', '0x1.abfeea0000000p-4'),
+      ]),
+}
+
+
+def encoder_digest(model) -> str:
+    sha = hashlib.sha256()
+    for name, tensor in model.encoder.state_dict().items():
+        sha.update(name.encode())
+        sha.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return sha.hexdigest()
+
+
+@pytest.mark.parametrize("mask", sorted(REFERENCE))
+def test_weights_and_losses_match_the_per_batch_loop_s_reference(mask):
+    result = pretrain(tiny_windows(70), tiny_windows(12, seed=1), tiny_experiment(epochs=3, mask=mask), 7, log=quiet)
+    digest, history = REFERENCE[mask]
+    assert [(e, t.hex(), v.hex()) for e, t, v in result.history] == list(history)
+    assert encoder_digest(result.model) == digest
+    assert result.numerics["lstm_dtype"] == "float32" and result.numerics["tf32"] is False
+
+
+def test_masks_drawn_an_epoch_ahead_in_a_thread_give_the_same_bytes_and_resume_exactly(tmp_path):
+    """What an accelerator does (the next epoch's masks drawn while this one trains), run on the CPU: the same
+    weights and losses as the reference, and the generator state saved at the epoch boundary resumes exactly."""
+    exp = tiny_experiment(epochs=3, mask="random")
+    ahead = pretrain(tiny_windows(70), tiny_windows(12, seed=1), exp, 7, log=quiet, masks_ahead=True)
+    digest, history = REFERENCE["random"]
+    assert [(e, t.hex(), v.hex()) for e, t, v in ahead.history] == list(history)
+    assert encoder_digest(ahead.model) == digest
+    resume = tmp_path / "resume.pt"
+    two = Experiment(exp.name, exp.mask, exp.train, 2, exp.recipe)
+    pretrain(tiny_windows(70), tiny_windows(12, seed=1), two, 7, log=quiet, resume_path=resume, fingerprint="f",
+             masks_ahead=True)
+    resumed = pretrain(tiny_windows(70), tiny_windows(12, seed=1), exp, 7, log=quiet, resume_path=resume,
+                       fingerprint="f", masks_ahead=True)
+    assert resumed.history == ahead.history and encoder_digest(resumed.model) == digest
+
+
+def test_resume_checkpoint_cadence(tmp_path):
+    resume = tmp_path / "resume.pt"
+    every_two = tiny_experiment(epochs=3, resume_every_epochs=2, resume_every_seconds=0)
+    four = Experiment(every_two.name, every_two.mask, every_two.train, 5, every_two.recipe)
+    pretrain(tiny_windows(64), tiny_windows(12, seed=1), four, 7, log=quiet, resume_path=resume, fingerprint="f")
+    assert torch.load(resume, weights_only=True)["epoch"] == 4  # after epochs 2 and 4, not 5
+    resume.unlink()
+    # Not yet 10 minutes since the start: no checkpoint at all.
+    slow = tiny_experiment(epochs=3, resume_every_epochs=1, resume_every_seconds=600)
+    pretrain(tiny_windows(64), tiny_windows(12, seed=1), slow, 7, log=quiet, resume_path=resume, fingerprint="f")
+    assert not resume.exists()
+
+
+def test_lstm_outside_autocast_and_loss_scaling_train_and_resume(tmp_path, monkeypatch):
+    """The CUDA-only paths, run on the CPU: bf16 autocast with the LSTM kept in float32 (what `precision: bf16`
+    does where cuDNN would run float16), with GradScaler, unscale_ before clipping, its state resumed."""
+    from moola import pretraining
+    from moola.numerics import Numerics
+
+    numerics = Numerics("bf16", torch.bfloat16, False, True, "float32", False, "test")
+    monkeypatch.setattr(pretraining, "decide", lambda *a, **k: numerics)
+    exp = tiny_experiment(epochs=3)
+    straight = pretrain(tiny_windows(64), tiny_windows(12, seed=1), exp, 7, log=quiet)
+    assert straight.numerics["lstm_dtype"] == "float32" and straight.precision == "bf16"
+    assert straight.history[-1][2] < straight.history[0][2]
+    two = Experiment(exp.name, exp.mask, exp.train, 2, exp.recipe)
+    resume = tmp_path / "resume.pt"
+    pretrain(tiny_windows(64), tiny_windows(12, seed=1), two, 7, log=quiet, resume_path=resume, fingerprint="f")
+    assert torch.load(resume, weights_only=True)["scaler"]["scale"] > 0
+    resumed = pretrain(tiny_windows(64), tiny_windows(12, seed=1), exp, 7, log=quiet, resume_path=resume,
+                       fingerprint="f")
+    assert resumed.history == straight.history
+    assert encoder_digest(resumed.model) == encoder_digest(straight.model)
+
+
+def test_an_lstm_seen_in_float16_without_loss_scaling_is_refused(monkeypatch):
+    # The probe is the guard; the output's dtype, read in the first epoch, is the check that it held.
+    from moola import pretraining
+
+    monkeypatch.setattr(pretraining, "dtype_name", lambda dtype: "float16")
+    with pytest.raises(ParamsError, match="pretrain.precision fp32: the LSTM ran in float16 without loss scaling"):
+        pretrain(tiny_windows(64), tiny_windows(12, seed=1), tiny_experiment(epochs=1), 7, log=quiet)
 
 
 def test_bf16_runs_fp32_off_cuda(tmp_path):

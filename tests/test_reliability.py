@@ -35,8 +35,10 @@ def lock_of(repo: Path) -> dict:
 
 def test_killed_dvc_repro_resumes_to_the_lock_of_an_uninterrupted_run(tmp_path):
     # Enough epochs (30) that the kill lands in the middle of training; a small encoder keeps each one short.
+    # A checkpoint after every epoch (resume_every_seconds 0): the kill must find one within seconds.
     repo = make_repo(tmp_path / "repo", {"scale": {"epochs": 0.4},
-                                         "pretrain": {"hidden_size": 16, "decoder_hidden": 16}})
+                                         "pretrain": {"hidden_size": 16, "decoder_hidden": 16,
+                                                      "resume_every_seconds": 0}})
     env = {**os.environ, "PYTHONPATH": str(repo / "src"),
            "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"]}
     proc = subprocess.Popen(["dvc", "repro", "pretrain@exp1_baseline"], cwd=repo, env=env,

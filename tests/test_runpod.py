@@ -50,20 +50,26 @@ def test_dry_run_prints_the_round_trip_in_order(laptop_repo):
         (laptop_repo / ".dvc" / "config.local").unlink()
     sha = run(["git", "rev-parse", "HEAD"], laptop_repo).stdout.strip()
     cmds = commands(out)
-    ssh = "ssh -p 2222 -o BatchMode=yes -o ConnectTimeout=15 -i /keys/box root@gpu.example"
+    # A new pod's host key is accepted into this checkout's own known-hosts file; keep-alives for the long follow.
+    known_hosts = laptop_repo.resolve() / ".moola" / "known_hosts"
+    ssh = (f"ssh -p 2222 -o BatchMode=yes -o ConnectTimeout=15 -o StrictHostKeyChecking=accept-new "
+           f"-o UserKnownHostsFile={known_hosts} -o ServerAliveInterval=30 -o ServerAliveCountMax=4 "
+           "-i /keys/box root@gpu.example")
+    box = "/workspace/moola"  # RunPod's persistent volume, not the container disk that a pod stop wipes
     order = [
         f"{ssh} 'echo \"connected to",  # 1. the connection, and nvidia-smi -L
-        f"{ssh} 'test -d moola/.git || git init -q moola'",  # 2. the code, through git
-        "git push -q -f root@gpu.example:moola HEAD:refs/heads/moola-run",
-        f"{ssh} 'cd moola && git checkout -q -f --detach {sha}'",
-        f"{ssh} 'cat > moola/.dvc/config.local' < .dvc/config.local",  # 3. the remote's settings
+        f"{ssh} 'test -d {box}/.git || git init -q {box}'",  # 2. the code, through git
+        f"git push -q -f root@gpu.example:{box} HEAD:refs/heads/moola-run",
+        f"{ssh} 'cd {box} && git checkout -q -f --detach {sha}'",
+        f"{ssh} 'cat > {box}/.dvc/config.local' < .dvc/config.local",  # 3. the remote's settings
         "python3 -m venv --system-site-packages .venv; } && .venv/bin/python -m pip install -q -e .'",  # 4.
         "-m dvc remote default --local s3'",
+        f"{ssh} 'cd {box} && PYTHONPATH=src .venv/bin/python -m moola.doctor'",  # the box's first minute
         "-m dvc pull --allow-missing'",  # 5. what the remote has
         "nohup bash -c 'bash scripts/runpod.sh --on-box --jobs 5 --python .venv/bin/python;",  # 6. detached
         "tail -n +1 --pid=$(cat .moola/logs/runpod.pid) -f .moola/logs/runpod.log",  # 7. follow it
         "cat .moola/logs/runpod.exit",
-        "git fetch -q root@gpu.example:moola +refs/heads/moola-results:refs/heads/moola-results",  # 8. home
+        f"git fetch -q root@gpu.example:{box} +refs/heads/moola-results:refs/heads/moola-results",  # 8. home
         "git merge -q --ff-only moola-results",
         "python -m dvc pull -r s3",
     ]
@@ -71,9 +77,14 @@ def test_dry_run_prints_the_round_trip_in_order(laptop_repo):
     assert positions == sorted(positions)
     assert "GIT_SSH_COMMAND=ssh\\ -p\\ 2222" in cmds[positions[2]]
     # The commands to follow the logs and the GPU, printed for another terminal.
-    assert f"{ssh} 'tail -f moola/.moola/logs/runpod.log'" in out
+    assert f"{ssh} 'tail -f {box}/.moola/logs/runpod.log'" in out
     assert f"{ssh} 'nvidia-smi -l 5'" in out
-    assert f"{ssh} 'tail -f moola/.moola/logs/pretrain@exp1_baseline.log'" in out
+    assert f"{ssh} 'tail -f {box}/.moola/logs/pretrain@exp1_baseline.log'" in out
+    assert not known_hosts.exists()  # a dry run writes nothing
+    # RUNPOD_SSH_OPTS come first: ssh keeps the first value of an option, so the user's choice wins.
+    mine = run(["bash", SCRIPT, "--dry-run", "--dir", "moola", "root@gpu.example"], laptop_repo,
+               env={"RUNPOD_SSH_OPTS": "-o StrictHostKeyChecking=no"}).stdout
+    assert "+ ssh -p 22 -o StrictHostKeyChecking=no -o BatchMode=yes" in mine and "'test -d moola/.git" in mine
 
     # The box's share, as the box runs it.
     box = commands(run(["bash", SCRIPT, "--on-box", "--dry-run", "--jobs", "3", "--python", "/opt/py"], laptop_repo).stdout)

@@ -86,16 +86,23 @@ def sync(device: torch.device) -> None:
 
 
 def autocast_args(device: torch.device, precision: str) -> dict:
-    """torch.autocast keyword arguments for `precision` (fp32 | bf16) on `device`."""
-    if precision not in ("fp32", "bf16"):
-        raise ValueError(f"precision must be fp32 or bf16, got {precision!r}")
-    return {"device_type": device.type, "dtype": torch.bfloat16, "enabled": precision == "bf16"}
+    """torch.autocast keyword arguments for `precision` (fp32 | bf16 | fp16) on `device`."""
+    if precision not in ("fp32", "bf16", "fp16"):
+        raise ValueError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
+    dtype = torch.float16 if precision == "fp16" else torch.bfloat16
+    return {"device_type": device.type, "dtype": dtype, "enabled": precision != "fp32"}
 
 
 def bf16_support(device: torch.device) -> tuple[bool, str]:
-    """Whether a bidirectional LSTM trains under bf16 autocast here; the reason when it does not."""
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        return False, f"{torch.cuda.get_device_name(device)} has no bf16"
+    """Whether a bidirectional LSTM trains in bf16 under bf16 autocast here; the reason when it does not.
+
+    Asked of the LSTM itself (its output's dtype), never of torch.cuda.is_bf16_supported(): cuDNN's autocast
+    wrapper may run it in float16 on a GPU that supports bf16 (moola.numerics)."""
+    from moola.numerics import probe_lstm_dtype
+
+    found, reason = probe_lstm_dtype(device, torch.bfloat16)
+    if found and found != "bfloat16":
+        return False, f"under bf16 autocast the LSTM runs in {found}"
     try:
         lstm = nn.LSTM(len(FEATURES), 8, batch_first=True, bidirectional=True).to(device)
         with torch.autocast(**autocast_args(device, "bf16")):
@@ -597,11 +604,12 @@ def worker_main(s: Settings, window: int, hidden: int, lr: float) -> None:
     stepper = bare_lstm_stepper(s.batch_size, window, hidden, s.device, s.precision, lr, s.threads)
     stepper.run(s.warmup)
     rates = [s.steps * s.batch_size / stepper.run(s.steps) for _ in range(s.repeats)]
-    print(json.dumps({"samples_per_second": median(rates)}), flush=True)
+    peak = torch.cuda.max_memory_allocated(s.device) / 2**20 if s.device.type == "cuda" else None
+    print(json.dumps({"samples_per_second": median(rates), "peak_memory_mib": peak}), flush=True)
 
 
 def start_workers(s: Settings, count: int, steps: int, repeats: int, window: int, hidden: int,
-                  env: dict[str, str | None] | None = None) -> list[float]:
+                  env: dict[str, str | None] | None = None, peaks: list | None = None) -> list[float]:
     """`count` bare-LSTM worker processes at once; the median samples/s of each. `env` sets (None: unsets) what
     only a process start can, such as OpenMP's wait policy."""
     cmd = [sys.executable, "-m", "moola.bench", "--worker", "--device", s.device.type,
@@ -619,15 +627,20 @@ def start_workers(s: Settings, count: int, steps: int, repeats: int, window: int
         out, err = proc.communicate()
         if proc.returncode != 0:
             raise MoolaError(f"a bench worker failed (exit {proc.returncode}): {err.strip().splitlines()[-1:]}")
-        rates.append(json.loads(out.strip().splitlines()[-1])["samples_per_second"])
+        answer = json.loads(out.strip().splitlines()[-1])
+        rates.append(answer["samples_per_second"])
+        if peaks is not None:
+            peaks.append(answer.get("peak_memory_mib"))
     return rates
 
 
 def bench_share(s: Settings, single: float, window: int, hidden: int) -> dict:
     """`share` bare-LSTM workers at once on the same device: the aggregate against one alone."""
-    rates = start_workers(s, s.share, s.steps, s.repeats, window, hidden)
+    peaks: list = []
+    rates = start_workers(s, s.share, s.steps, s.repeats, window, hidden, peaks=peaks)
     return {"workers": s.share, "per_worker_samples_per_second": rates, "aggregate_samples_per_second": sum(rates),
-            "aggregate_vs_single": sum(rates) / single}
+            "aggregate_vs_single": sum(rates) / single,
+            "peak_memory_mib": [None if m is None else round(m, 1) for m in peaks] if any(peaks) else None}
 
 
 def try_omp_passive(s: Settings, window: int, hidden: int) -> list[dict]:
@@ -785,7 +798,7 @@ def parse_args(argv: list[str] | None, p: Params) -> tuple[Settings, argparse.Na
     parser.add_argument("--warmup", type=int, help="untimed steps first (default 1)")
     parser.add_argument("--windows-scale", type=float, help="of the spec's windows for items 3 and 4 (default 1)")
     parser.add_argument("--device", default=p.pretrain.device, help="auto | cpu | cuda | mps (default: params)")
-    parser.add_argument("--precision", default=p.pretrain.precision, choices=["fp32", "bf16"])
+    parser.add_argument("--precision", default=p.pretrain.precision, choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--threads", type=int, default=p.pretrain.threads, help="torch CPU threads")
     parser.add_argument("--share", type=int, help="concurrent workers on one device (default: 5 on cuda, else 0)")
     parser.add_argument("--json", default=DEFAULT_JSON, help=f"where to write the results (default {DEFAULT_JSON})")

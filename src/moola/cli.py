@@ -3,6 +3,7 @@
     moola tour       run the whole pipeline at a small scale through `dvc exp run`, then print the results
     moola report     print the results table from the metrics files in the workspace
     moola parallel   the five pretraining experiments concurrently, then the rest (see moola.parallel)
+    moola doctor     a GPU box's first command: versions, the LSTM's real dtype, TF32, bare LSTM vs the loop
 """
 
 from __future__ import annotations
@@ -106,11 +107,17 @@ def main(argv: list[str] | None = None) -> None:
     sub.add_parser("report", help="print the results table from the workspace's metrics")
     sub.add_parser("parallel", help="run the five pretraining experiments concurrently, then the rest "
                    "(moola parallel --help)")
+    sub.add_parser("doctor", help="a GPU box's first command: will training use the GPU, in what precision, how "
+                   "fast (moola doctor --help)")
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["parallel"]:
         from moola import parallel
 
         return parallel.main(argv[1:])
+    if argv[:1] == ["doctor"]:
+        from moola import doctor
+
+        return doctor.main(argv[1:])
     args, extra = parser.parse_known_args(argv)
     if extra and args.command != "tour":
         parser.error(f"unrecognized arguments: {' '.join(extra)}")

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from moola.errors import ParamsError
+from moola.numerics import set_cublas_workspace
+
+# Before anything touches CUDA: cuBLAS reads it once, when CUDA's runtime starts (determinism, moola.numerics).
+set_cublas_workspace()
 
 
 def _mps_available() -> bool:
@@ -28,10 +34,20 @@ def pick_device(requested: str = "auto", key: str = "pretrain.device") -> torch.
     return torch.device(requested)
 
 
+def thread_budget(environ=os.environ) -> int | None:
+    """MOOLA_THREAD_BUDGET, set by moola parallel for each job: cores / jobs at once (at least 1); None outside."""
+    budget = environ.get("MOOLA_THREAD_BUDGET", "")
+    return max(1, int(budget)) if budget.isdigit() else None
+
+
 def use_threads(device: torch.device, threads: int) -> None:
-    """Fix torch's CPU threads on the CPU: results then do not depend on the size of the machine."""
+    """Fix torch's CPU threads on the CPU: results then do not depend on the size of the machine (the thread
+    count changes the bytes, so it is always the param's). On an accelerator the CPU's threads decide no number:
+    a moola parallel job keeps to its budget."""
     if device.type == "cpu":
         torch.set_num_threads(threads)
+    elif (budget := thread_budget()) is not None:
+        torch.set_num_threads(budget)
 
 
 def describe(device: torch.device) -> str:

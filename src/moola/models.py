@@ -41,10 +41,18 @@ class BiLSTMMaskedAutoencoder(nn.Module):
             nn.Linear(2 * hidden_size, decoder_hidden), nn.GELU(), nn.Linear(decoder_hidden, input_size)
         )
 
+    # False: the LSTM runs in float32 with autocast off around it (moola.numerics: where cuDNN would run it in
+    # float16 under bf16 autocast).
+    lstm_in_autocast = True
+
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """x (batch, steps, features), mask (batch, steps) bool -> reconstruction (batch, steps, features)."""
         x = torch.where(mask.unsqueeze(-1), self.mask_token.to(x.dtype), x)
-        encoded, _ = self.encoder(x)
+        if self.lstm_in_autocast:
+            encoded, _ = self.encoder(x)
+        else:
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                encoded, _ = self.encoder(x.float())
         return self.decoder(encoded)
 
 

@@ -13,10 +13,13 @@ so dvc.lock, the outputs and the run-cache are the same as after a sequential `d
 from __future__ import annotations
 
 import argparse
+import os
+import re
+import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +32,57 @@ LOG_DIR = Path(".moola/logs")
 # still fails on a lock (the per-output rwlock answers "is busy") failed before its command ran and is retried.
 LOCK_MESSAGES = ("Unable to acquire lock", "is busy, it is being blocked by")
 LOCK_RETRIES = 3
+# Read by moola.device.use_threads: a job's torch threads are min(pretrain.threads, this).
+THREAD_BUDGET_VAR = "MOOLA_THREAD_BUDGET"
+PEAK_MEMORY = re.compile(r"peak GPU memory [^\n]*")
+
+
+def visible_gpus(environ: Mapping[str, str], nvidia_smi_lines: Sequence[str] | None) -> list[str]:
+    """The GPUs a job may be given: CUDA_VISIBLE_DEVICES's entries when set, else one index per `nvidia-smi -L`
+    line (None: no nvidia-smi on this machine)."""
+    given = environ.get("CUDA_VISIBLE_DEVICES")
+    if given is not None:
+        return [g.strip() for g in given.split(",") if g.strip()]
+    return [str(i) for i, line in enumerate(nvidia_smi_lines or []) if line.startswith("GPU ")]
+
+
+def list_gpus() -> list[str] | None:
+    """`nvidia-smi -L` lines, or None where there is no nvidia-smi (the runner never initialises CUDA itself)."""
+    if shutil.which("nvidia-smi") is None:
+        return None
+    done = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True)
+    return done.stdout.splitlines() if done.returncode == 0 else None
+
+
+def concurrency(jobs: int, cores: int, threads: int, gpus: Sequence[str]) -> tuple[int, str]:
+    """How many jobs run at once, and why, when `jobs` are asked for.
+
+    On GPUs: all of them (the GPU computes; each job's CPU threads get cores / jobs). On the CPU, the torch thread
+    count decides the bytes (threads 1 and 2 gave different weights at hidden 128, BENCHMARKS.md), and it is a
+    param (pretrain.threads, finetune.threads): a job never runs with fewer. So at most cores / threads at once;
+    more would oversubscribe the cores (two 2-thread trainings at once on 2 cores: 48 samples/s each against
+    ~700 alone, BENCHMARKS.md).
+    """
+    if gpus or jobs * threads <= cores:
+        return jobs, ""
+    fit = max(1, cores // threads)
+    return fit, (f"{jobs} jobs of {threads} CPU threads (pretrain.threads / finetune.threads) do not fit in {cores} "
+                 f"cores: {fit} at a time, each with its full threads, so the bytes are those of `dvc repro`")
+
+
+def job_env(slot: int, jobs: int, base: Mapping[str, str], gpus: Sequence[str], cores: int) -> dict[str, str]:
+    """The environment of the `slot`-th job started when `jobs` run at once: GPUs round-robin, and a CPU thread
+    budget of cores / jobs (at least 1). With more than one job at once, OpenMP threads wait passively instead of
+    spinning between parallel regions (spinning threads of concurrent jobs slow each other down)."""
+    env = dict(base)
+    threads = max(1, cores // max(1, jobs))
+    env[THREAD_BUDGET_VAR] = str(threads)
+    env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
+    if jobs > 1:
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if gpus:
+        env["CUDA_VISIBLE_DEVICES"] = gpus[slot % len(gpus)]
+    return env
 
 
 @dataclass(frozen=True)
@@ -109,6 +163,11 @@ def _outcome(log_text: str) -> str:
     return "done"
 
 
+def _placement(env: Mapping[str, str]) -> str:
+    gpu = f"GPU {env['CUDA_VISIBLE_DEVICES']}, " if "CUDA_VISIBLE_DEVICES" in env else ""
+    return f"{gpu}{env[THREAD_BUDGET_VAR]} CPU thread{'s' if env[THREAD_BUDGET_VAR] != '1' else ''}"
+
+
 @dataclass
 class _Job:
     name: str
@@ -118,9 +177,14 @@ class _Job:
     attempt: int
 
 
-def run_concurrently(plan: Plan, jobs: int, log_dir: Path, pull: bool = False) -> dict[str, int]:
-    """Run the plan's parallel stages, at most `jobs` at once; returns each stage's exit status."""
+def run_concurrently(plan: Plan, jobs: int, log_dir: Path, pull: bool = False,
+                     env_for: Callable[[int], dict[str, str]] | None = None) -> dict[str, int]:
+    """Run the plan's parallel stages, at most `jobs` at once; returns each stage's exit status.
+
+    `env_for(slot)` is the environment of the slot-th job started (job_env); default: this process's.
+    """
     log_dir.mkdir(parents=True, exist_ok=True)
+    started_jobs = 0
     pending = list(plan.parallel)
     running: list[_Job] = []
     status: dict[str, int] = {}
@@ -141,10 +205,14 @@ def run_concurrently(plan: Plan, jobs: int, log_dir: Path, pull: bool = False) -
             attempts[name] = attempts.get(name, 0) + 1
             log = log_dir / f"{name}.log"
             cmd = dvc_command("--wait-for-lock", "repro", "--single-item", *(["--pull"] if pull else []), name)
+            env = env_for(started_jobs) if env_for is not None else None
+            started_jobs += 1
             with open(log, "ab" if attempts[name] > 1 else "wb") as out:
-                proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+                proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
             running.append(_Job(name, log, proc, time.monotonic(), attempts[name]))
             _say(f"started {name} (log: {log})")
+            if env is not None:
+                _say(f"  {name}: {_placement(env)}")
         time.sleep(0.2)
         for job in list(running):
             code = job.proc.poll()
@@ -159,7 +227,8 @@ def run_concurrently(plan: Plan, jobs: int, log_dir: Path, pull: bool = False) -
             status[job.name] = code
             seconds = time.monotonic() - job.started
             if code == 0:
-                _say(f"finished {job.name} in {seconds:.1f} s ({_outcome(text)})")
+                peak = PEAK_MEMORY.search(text)
+                _say(f"finished {job.name} in {seconds:.1f} s ({_outcome(text)}){'; ' + peak.group(0) if peak else ''}")
             else:
                 tail = "\n    ".join(text.strip().splitlines()[-8:])
                 _say(f"FAILED {job.name} (exit {code}) after {seconds:.1f} s; end of {job.log}:\n    {tail}")
@@ -172,6 +241,14 @@ def _run_dvc(*args: str) -> None:
     code = subprocess.call(cmd)
     if code != 0:
         raise SystemExit(code)
+
+
+def cpu_threads(root: Path) -> int:
+    """The most torch CPU threads a stage asks for (pretrain.threads, an experiment's override, finetune.threads)."""
+    from moola.params import load_params
+
+    p = load_params(root / "params.yaml")
+    return max([p.finetune.threads] + [e.train.threads for e in p.all_experiments()])
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -193,11 +270,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--pull", action="store_true",
         help="pass --pull to dvc repro: reuse outputs and run-cache entries from the default remote",
     )
+    parser.add_argument(
+        "--cores", type=int, default=0,
+        help="CPU cores to share among the jobs (default: those this process may use)",
+    )
     parser.add_argument("--log-dir", type=Path, default=LOG_DIR, help=f"one log per stage (default: {LOG_DIR})")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and exit")
     args = parser.parse_args(argv)
     if args.jobs < 0:
         parser.error(f"--jobs must be at least 1, got {args.jobs}")
+    if args.cores < 0:
+        parser.error(f"--cores must be at least 1, got {args.cores}")
     return args
 
 
@@ -214,15 +297,24 @@ def _main(argv: Sequence[str]) -> None:
     plan = make_plan(pipeline_graph(root), args.targets)
     jobs = args.jobs or len(plan.parallel)
     pull = ["--pull"] if args.pull else []
+    gpus = visible_gpus(os.environ, list_gpus())
+    cores = args.cores or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+    at_once, why = concurrency(min(jobs, len(plan.parallel)) or 1, cores, cpu_threads(root), gpus)
+    if why:
+        _say(why)
+        jobs = at_once
     _say(f"upstream: {' '.join(plan.upstream) or '(none)'}")
     _say(f"concurrently, {jobs} at a time: {' '.join(plan.parallel)}")
+    _say(f"each job: {max(1, cores // at_once)} CPU thread(s) of {cores} cores"
+         + (f", GPUs round-robin over {','.join(gpus)}" if gpus else ", no GPU"))
     _say("then: " + ("nothing (--only)" if args.only else "dvc repro (the rest of the pipeline)"))
     if args.dry_run:
         return
     started = time.monotonic()
     if plan.upstream:
         _run_dvc("repro", *pull, *plan.upstream)
-    status = run_concurrently(plan, jobs, args.log_dir, pull=args.pull)
+    status = run_concurrently(plan, jobs, args.log_dir, pull=args.pull,
+                              env_for=lambda slot: job_env(slot, at_once, os.environ, gpus, cores))
     failed = sorted(name for name, code in status.items() if code != 0)
     if failed:
         _say(f"failed or skipped: {', '.join(failed)}; see their logs in {args.log_dir}/")

@@ -91,9 +91,20 @@ class PretrainParams:
     # 0 switches early stopping off: the spec's epochs are what runs.
     early_stopping_patience: int = _f(0, min=0)
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
-    precision: Literal["fp32", "bf16"] = "fp32"
+    # fp32 | bf16 (autocast; the LSTM runs bf16 only where cuDNN really does, else fp32 outside autocast) |
+    # fp16 (autocast float16 with loss scaling). CUDA only: a CPU run is fp32 (moola.numerics).
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    # Let float32 matmuls and cuDNN's LSTM use TF32 on Ampere and newer (CUDA only). false = full fp32, what the
+    # spec's numbers assume.
+    tf32: bool = False
+    # CUDA: deterministic cuDNN kernels, no autotuning (CPU runs are always deterministic).
+    deterministic: bool = True
     # Torch intra-op threads on CPU. Fixed (not "all cores") so that bytes do not depend on the machine's size.
     threads: int = _f(2, positive=True)
+    # The resume checkpoint (fsync'ed) is written after an epoch once at least this many epochs and this many
+    # seconds have passed since the last one: a GPU epoch (~0.1 s) costs less than the write.
+    resume_every_epochs: int = _f(1, positive=True)
+    resume_every_seconds: float = _f(30.0, min=0.0)
 
 
 EXPERIMENT_KEYS = tuple(f.name for f in dataclasses.fields(PretrainParams)) + ("mask",)
@@ -140,6 +151,9 @@ class FinetuneParams:
     class_weighted: bool = True
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     threads: int = _f(2, positive=True)
+    # CUDA: deterministic cuDNN and the math SDPA kernel for the attention; TF32 as in pretrain.tf32.
+    deterministic: bool = True
+    tf32: bool = False
     # Bootstrap resamples for the confidence interval of the lift.
     bootstrap: int = _f(2000, positive=True)
 

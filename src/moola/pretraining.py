@@ -2,8 +2,15 @@
 
 `pretrain(train, val, experiment, seed)` is the whole loop; it takes arrays, not files. Same inputs, params and
 torch version => the same weights, byte for byte, on the CPU. With `resume_path` it saves its complete state
-at the end of every epoch (model, optimiser, every random generator, best-so-far, history) and, when started
-again with the same fingerprint, goes on from there as if it had never stopped.
+at an epoch's end (model, optimiser, every random generator, best-so-far, history; at most every
+`resume_every_epochs` epochs and `resume_every_seconds` seconds) and, when started again with the same
+fingerprint, goes on from there as if it had never stopped.
+
+No step waits on the host: the masks of a whole epoch are drawn on the CPU in one call (on an accelerator one
+epoch ahead, in a background thread), copied pinned and non-blocking, the masked steps are picked with index
+tensors computed on the CPU, and the losses stay on the device until the epoch's end, where they are read once
+(and checked for NaN/inf). Same masks, same arithmetic, same order as drawing and reading per batch: the CPU
+bytes are those of the per-batch loop (tests/test_pretraining.py holds its reference hashes).
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import math
 import random
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -23,13 +31,14 @@ import torch
 
 from moola import io
 from moola.device import describe, pick_device, use_threads
-from moola.errors import TrainingDiverged
+from moola.errors import ParamsError, TrainingDiverged
 from moola.masking import make_mask
-from moola.models import BiLSTMMaskedAutoencoder, masked_mse
-from moola.params import FEATURES, Experiment, as_dict
+from moola.models import BiLSTMMaskedAutoencoder
+from moola.numerics import Numerics, apply_cuda_settings, decide, dtype_name, probe_lstm_dtype
+from moola.params import FEATURES, PARAMS_FILE, Experiment, as_dict
 
 RESUME_DIR = Path(".moola/resume/pretrain")
-RESUME_FORMAT = "moola-pretrain-resume/1"
+RESUME_FORMAT = "moola-pretrain-resume/2"
 NORMALISATION = "per-window min-max over the window's bars: (x - min(low)) / (max(high) - min(low))"
 
 Log = Callable[[str], None]
@@ -50,7 +59,8 @@ class PretrainResult:
     val_samples: int
     batches_per_epoch: int
     device: str
-    precision: str  # what ran: bf16 only on cuda
+    precision: str  # what ran: fp32, or bf16 / fp16 (autocast) on cuda only
+    numerics: dict  # moola.numerics.Numerics.record() plus the LSTM output dtype seen in the first step
     seconds: float  # training time spent in this process (not counting epochs restored from a checkpoint)
     samples_per_second: float
 
@@ -82,8 +92,13 @@ def resume_path_for(experiment: str, root: str | Path = ".") -> Path:
     return Path(root) / RESUME_DIR / f"{experiment}.pt"
 
 
-def encoder_hyperparams(experiment: Experiment, window: int) -> dict:
-    """The checkpoint's `hyperparams`: what a reader needs to rebuild the encoder and feed it the same data."""
+def encoder_hyperparams(experiment: Experiment, window: int, numerics: dict | None = None) -> dict:
+    """The checkpoint's `hyperparams`: what a reader needs to rebuild the encoder and feed it the same data.
+
+    With `numerics` (PretrainResult.numerics) also the dtype the LSTM really trained in and the TF32 setting.
+    """
+    extra = {} if numerics is None else {"precision": numerics["ran"], "lstm_dtype": numerics["lstm_dtype"],
+                                         "tf32": numerics["tf32"]}
     return {
         "input_size": len(FEATURES),
         "hidden_size": experiment.train.hidden_size,
@@ -96,7 +111,7 @@ def encoder_hyperparams(experiment: Experiment, window: int) -> dict:
         "features": list(FEATURES),
         "normalisation": NORMALISATION,
         "experiment": experiment.name,
-    }
+    } | extra
 
 
 def file_digest(path: str | Path) -> str:
@@ -140,6 +155,64 @@ def _cpu_copy(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").clone() for k, v in state.items()}
 
 
+# --- masks of a whole epoch ---------------------------------------------------------------------------------
+
+
+@dataclass
+class EpochMasks:
+    """One epoch's masks, cut into its batches: what each step needs without asking the device anything.
+
+    `index` holds, batch after batch, the flat positions (row * window + step, counted inside the batch) of the
+    masked steps in row-major order, the order boolean indexing visits them; `offsets[b]:offsets[b + 1]` is batch
+    b's share. `values[b]` is the number of masked values (steps x features) of batch b, known on the host.
+    """
+
+    mask: torch.Tensor  # (n, window) bool
+    index: torch.Tensor  # int64
+    offsets: list[int]
+    values: list[int]
+
+    @classmethod
+    def cut(cls, mask: torch.Tensor, batch_size: int, features: int) -> "EpochMasks":
+        n, window = mask.shape
+        batches = math.ceil(n / batch_size)
+        flat = mask.reshape(-1).nonzero().squeeze(1)  # on the CPU: no device waits for it
+        batch_of = flat // window // batch_size
+        index = flat - batch_of * (batch_size * window)
+        counts = torch.bincount(batch_of, minlength=batches).tolist()
+        offsets = [0]
+        for c in counts:
+            offsets.append(offsets[-1] + c)
+        return cls(mask, index, offsets, [c * features for c in counts])
+
+    def pinned(self) -> "EpochMasks":
+        return EpochMasks(self.mask.pin_memory(), self.index.pin_memory(), self.offsets, self.values)
+
+    def to(self, device: torch.device) -> "EpochMasks":
+        if device.type == "cpu":
+            return self
+        # From pinned host memory on CUDA (made by the drawing thread): the copies are queued and return at once.
+        return EpochMasks(self.mask.to(device, non_blocking=True), self.index.to(device, non_blocking=True),
+                          self.offsets, self.values)
+
+    def batch(self, b: int) -> torch.Tensor:
+        return self.index[self.offsets[b] : self.offsets[b + 1]]
+
+
+def masked_mse_at(pred: torch.Tensor, target: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """models.masked_mse with the masked steps given as flat positions (EpochMasks.index) instead of a boolean
+    mask: the same values in the same order, so the same bytes, but no host sync (boolean indexing must count
+    the mask's True values on the host before it can allocate its output)."""
+    features = pred.shape[-1]
+    picked, wanted = pred.reshape(-1, features)[index], target.reshape(-1, features)[index]
+    return (picked.float() - wanted.float()).pow(2).mean()
+
+
+def _pin(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Page-locked on CUDA, where a copy from it is queued and returns at once; as it is elsewhere."""
+    return t.pin_memory() if device.type == "cuda" else t
+
+
 # --- the loop -----------------------------------------------------------------------------------------------
 
 
@@ -153,14 +226,23 @@ def pretrain(
     resume_path: str | Path | None = None,
     fingerprint: str = "",
     log: Log = log_line,
+    probe=probe_lstm_dtype,
+    masks_ahead: bool | None = None,
 ) -> PretrainResult:
     """Train a BiLSTMMaskedAutoencoder on `train` (n, window, 4), validate on `val` each epoch, keep the best.
 
-    Raises TrainingDiverged as soon as a loss is NaN or infinite.
+    Raises TrainingDiverged, at the end of the epoch where it happened, when a loss is NaN or infinite.
+    `probe(device, dtype)` answers the LSTM's dtype under autocast (moola.numerics; a test may fake it).
+    `masks_ahead`: draw the next epoch's masks in a background thread (default: on accelerators only; on the CPU
+    the thread would take cores from training).
     """
     cfg = experiment.train
     device = device or pick_device(cfg.device)
     use_threads(device, cfg.threads)
+    cuda_settings = apply_cuda_settings(device, cfg.tf32, cfg.deterministic)
+    numerics: Numerics = decide(device, cfg.precision, cfg.tf32, probe)
+    if numerics.note:
+        log(f"{experiment.name}: {numerics.note}")
     seed_everything(seed)
 
     train_x = _as_tensor(train).to(device)
@@ -169,30 +251,41 @@ def pretrain(
     batches = math.ceil(n_train / cfg.batch_size)
 
     model = BiLSTMMaskedAutoencoder(features, cfg.hidden_size, cfg.num_layers, cfg.decoder_hidden).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    # bf16 autocast is for CUDA: oneDNN's CPU LSTM refuses bf16 on many CPUs, and CPU runs promise fp32 bytes.
-    bf16 = cfg.precision == "bf16" and device.type == "cuda"
-    if cfg.precision == "bf16" and not bf16:
-        log(f"{experiment.name}: precision bf16 applies on cuda only; running fp32 on {device.type}")
-    autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
+    model.lstm_in_autocast = numerics.lstm_in_autocast
+    # fp16: loss scaling; the fused AdamW takes GradScaler's found-inf flag on the device (no .item() per step,
+    # torch/amp/grad_scaler.py, GradScaler.step, `_step_supports_amp_scaling`).
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                                  **({"fused": True} if numerics.grad_scaler else {}))
+    scaler = torch.amp.GradScaler(device.type) if numerics.grad_scaler else None
+    autocast = numerics.autocast(device)
+    seen: dict[str, str] = {}
 
-    def masks(n: int, generator: torch.Generator) -> torch.Tensor:
-        # Drawn on the CPU from a CPU generator: the same masks whatever the device.
-        return make_mask(
-            experiment.mask, n, window, ratio=cfg.mask_ratio, generator=generator,
-            patch_size=cfg.patch_size, block_spans=cfg.block_spans,
-        ).to(device)
+    def note_lstm_dtype(module, inputs, output) -> None:
+        # The dtype the LSTM really computed in, from its output (metadata: no sync). Returns None: the output
+        # stays as it is.
+        seen.setdefault("lstm_dtype", dtype_name(output[0].dtype))
+
+    hook = model.encoder.register_forward_hook(note_lstm_dtype)
+
+    def draw(n: int, generator: torch.Generator) -> EpochMasks:
+        # Drawn on the CPU from a CPU generator: the same masks whatever the device. One call for n rows draws
+        # what n/batch calls of batch rows would (each strategy reads the generator row after row).
+        mask = make_mask(experiment.mask, n, window, ratio=cfg.mask_ratio, generator=generator,
+                         patch_size=cfg.patch_size, block_spans=cfg.block_spans)
+        masks = EpochMasks.cut(mask, cfg.batch_size, features)
+        return masks.pinned() if device.type == "cuda" else masks
 
     # Shuffling and training masks each have their own generator, saved in the resume checkpoint.
     shuffle_gen = torch.Generator().manual_seed(_stream_seed(seed, "shuffle"))
     mask_gen = torch.Generator().manual_seed(_stream_seed(seed, "mask"))
     # Validation masks are drawn once, from the seed alone: every epoch and every experiment with this
     # strategy scores the same hidden steps, so their validation losses compare.
-    val_mask = masks(len(val_x), torch.Generator().manual_seed(_stream_seed(seed, "validation")))
+    val_masks = draw(len(val_x), torch.Generator().manual_seed(_stream_seed(seed, "validation"))).to(device)
 
     progress = _Progress()
     if resume_path is not None:
-        progress = _resume(Path(resume_path), fingerprint, model, optimizer, shuffle_gen, mask_gen, log) or progress
+        progress = _resume(Path(resume_path), fingerprint, numerics, model, optimizer, scaler, shuffle_gen,
+                           mask_gen, log) or progress
 
     def diverged(epoch: int, which: str, value: float, where: str = "") -> TrainingDiverged:
         return TrainingDiverged(
@@ -200,67 +293,110 @@ def pretrain(
             f"no encoder written (try a lower learning_rate or precision fp32)"
         )
 
+    # On an accelerator the next epoch's masks are drawn while this one trains. The mask generator's state at
+    # an epoch boundary (what the resume checkpoint keeps) is read before the next draw starts.
+    if masks_ahead is None:
+        masks_ahead = device.type != "cpu"
+    ahead = ThreadPoolExecutor(1, thread_name_prefix="moola-masks") if masks_ahead else None
+    upcoming: Future | None = None
+    mask_state = mask_gen.get_state()
     show_bar = sys.stderr.isatty()
     seconds = 0.0
     samples_seen = 0
-    for epoch in range(progress.epoch + 1, experiment.epochs + 1):
-        patience = cfg.early_stopping_patience
-        if patience and progress.epoch - progress.best_epoch >= patience:
-            log(f"{experiment.name}: early stopping after epoch {progress.epoch} "
-                f"(no better validation loss for {patience} epochs; best epoch {progress.best_epoch})")
-            break
+    last_save = (progress.epoch, time.monotonic())
+    try:
+        for epoch in range(progress.epoch + 1, experiment.epochs + 1):
+            patience = cfg.early_stopping_patience
+            if patience and progress.epoch - progress.best_epoch >= patience:
+                log(f"{experiment.name}: early stopping after epoch {progress.epoch} "
+                    f"(no better validation loss for {patience} epochs; best epoch {progress.best_epoch})")
+                break
 
-        # -- train one epoch
-        started = time.perf_counter()
-        model.train()
-        order = torch.randperm(n_train, generator=shuffle_gen).to(device)
-        loss_sum, loss_count = 0.0, 0
-        bar = _bar(batches, f"{experiment.name} {epoch}/{experiment.epochs}") if show_bar else None
-        for b in range(batches):
-            x = train_x[order[b * cfg.batch_size : (b + 1) * cfg.batch_size]]
-            mask = masks(len(x), mask_gen)
-            with torch.autocast(**autocast):
-                pred = model(x, mask)
-            loss = masked_mse(pred, x, mask)
-            value = loss.item()
-            if not math.isfinite(value):
-                raise diverged(epoch, "training", value, f" (batch {b + 1} of {batches})")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            count = int(mask.sum()) * features
-            loss_sum += value * count
-            loss_count += count
+            # -- train one epoch
+            started = time.perf_counter()
+            model.train()
+            order = _pin(torch.randperm(n_train, generator=shuffle_gen), device).to(device, non_blocking=True)
+            host_masks = upcoming.result() if upcoming is not None else draw(n_train, mask_gen)
+            mask_state = mask_gen.get_state()  # after this epoch's masks, before the next epoch's
+            if ahead is not None and epoch < experiment.epochs:
+                upcoming = ahead.submit(draw, n_train, mask_gen)
+            masks = host_masks.to(device)
+            losses = torch.empty(batches, device=device)
+            bar = _bar(batches, f"{experiment.name} {epoch}/{experiment.epochs}") if show_bar else None
+            for b in range(batches):
+                rows = slice(b * cfg.batch_size, (b + 1) * cfg.batch_size)
+                x = train_x[order[rows]]
+                with torch.autocast(**autocast):
+                    pred = model(x, masks.mask[rows])
+                loss = masked_mse_at(pred, x, masks.batch(b))
+                optimizer.zero_grad(set_to_none=True)
+                if scaler is None:
+                    loss.backward()
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                    optimizer.step()
+                else:
+                    scaler.scale(loss).backward()
+                    scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                    scaler.step(optimizer)
+                    scaler.update()
+                losses[b] = loss.detach()
+                if bar is not None:
+                    bar.update(1)
             if bar is not None:
-                bar.update(1)
-        if bar is not None:
-            bar.close()
-        elapsed = time.perf_counter() - started
-        seconds += elapsed
-        samples_seen += n_train
-        train_loss = loss_sum / loss_count
+                bar.close()
+            if seen.get("lstm_dtype") == "float16" and scaler is None:
+                # What the probe should have prevented (moola.numerics): float16 gradients without loss scaling.
+                raise ParamsError(
+                    f"{PARAMS_FILE}: pretrain.precision {cfg.precision}: the LSTM ran in float16 without loss "
+                    "scaling, which flushes its small gradients to zero; use precision fp16 (scaled) or fp32"
+                )
+            # The epoch's one read of the training losses: the sums run in float64 in batch order, as they did
+            # when each batch's loss was read on its own.
+            loss_values = losses.tolist()
+            elapsed = time.perf_counter() - started
+            seconds += elapsed
+            samples_seen += n_train
+            for b, value in enumerate(loss_values):
+                if not math.isfinite(value):
+                    raise diverged(epoch, "training", value, f" (batch {b + 1} of {batches})")
+            loss_sum, loss_count = 0.0, 0
+            for value, count in zip(loss_values, host_masks.values):
+                loss_sum += value * count
+                loss_count += count
+            train_loss = loss_sum / loss_count
 
-        # -- validate with the fixed masks
-        val_loss = evaluate(model, val_x, val_mask, cfg.batch_size, autocast)
-        if not math.isfinite(val_loss):
-            raise diverged(epoch, "validation", val_loss)
+            # -- validate with the fixed masks
+            val_loss = evaluate(model, val_x, val_masks, cfg.batch_size, autocast)
+            if not math.isfinite(val_loss):
+                raise diverged(epoch, "validation", val_loss)
 
-        progress.epoch = epoch
-        progress.history.append((epoch, train_loss, val_loss))
-        improved = val_loss < progress.best_val_loss
-        if improved:
-            progress.best_val_loss, progress.best_epoch = val_loss, epoch
-            progress.best_state = _cpu_copy(model.state_dict())
-        log(
-            f"{experiment.name} epoch {epoch}/{experiment.epochs}: train loss {train_loss:.6f}, "
-            f"val loss {val_loss:.6f}{' (best)' if improved else ''}, {n_train / elapsed:,.0f} samples/s"
-        )
-        if resume_path is not None:
-            _save_resume(Path(resume_path), fingerprint, progress, model, optimizer, shuffle_gen, mask_gen)
+            progress.epoch = epoch
+            progress.history.append((epoch, train_loss, val_loss))
+            improved = val_loss < progress.best_val_loss
+            if improved:
+                progress.best_val_loss, progress.best_epoch = val_loss, epoch
+                progress.best_state = _cpu_copy(model.state_dict())
+            log(
+                f"{experiment.name} epoch {epoch}/{experiment.epochs}: train loss {train_loss:.6f}, "
+                f"val loss {val_loss:.6f}{' (best)' if improved else ''}, {n_train / elapsed:,.0f} samples/s"
+            )
+            due = (epoch - last_save[0] >= cfg.resume_every_epochs
+                   and time.monotonic() - last_save[1] >= cfg.resume_every_seconds)
+            if resume_path is not None and due:
+                _save_resume(Path(resume_path), fingerprint, numerics, progress, model, optimizer, scaler,
+                             shuffle_gen, mask_state)
+                last_save = (epoch, time.monotonic())
+    finally:
+        hook.remove()
+        if ahead is not None:
+            ahead.shutdown(wait=True, cancel_futures=True)
 
     assert progress.best_state is not None, "no epoch ran"
     model.load_state_dict(progress.best_state)
+    record = numerics.record() | {"cuda": cuda_settings}
+    if "lstm_dtype" in seen:  # what really ran wins over what the probe predicted (they agree when all is well)
+        record["lstm_dtype"] = seen["lstm_dtype"]
     return PretrainResult(
         model=model,
         history=list(progress.history),
@@ -271,23 +407,28 @@ def pretrain(
         val_samples=len(val_x),
         batches_per_epoch=batches,
         device=describe(device),
-        precision="bf16" if bf16 else "fp32",
+        precision=numerics.ran,
+        numerics=record,
         seconds=seconds,
         samples_per_second=samples_seen / seconds if seconds else 0.0,
     )
 
 
 @torch.no_grad()
-def evaluate(model: BiLSTMMaskedAutoencoder, x: torch.Tensor, mask: torch.Tensor, batch_size: int, autocast: dict) -> float:
-    """Masked MSE over every masked value of `x` (not a mean of batch means)."""
+def evaluate(model: BiLSTMMaskedAutoencoder, x: torch.Tensor, masks: EpochMasks, batch_size: int, autocast: dict) -> float:
+    """Masked MSE over every masked value of `x` (not a mean of batch means); one read of the device."""
     model.eval()
-    total, count = 0.0, 0
-    for start in range(0, len(x), batch_size):
-        xb, mb = x[start : start + batch_size], mask[start : start + batch_size]
+    batches = math.ceil(len(x) / batch_size)
+    losses = torch.empty(batches, device=x.device)
+    for b in range(batches):
+        rows = slice(b * batch_size, (b + 1) * batch_size)
+        xb = x[rows]
         with torch.autocast(**autocast):
-            pred = model(xb, mb)
-        n = int(mb.sum()) * x.shape[-1]
-        total += masked_mse(pred, xb, mb).item() * n
+            pred = model(xb, masks.mask[rows])
+        losses[b] = masked_mse_at(pred, xb, masks.batch(b))
+    total, count = 0.0, 0
+    for value, n in zip(losses.tolist(), masks.values):
+        total += value * n
         count += n
     return total / count
 
@@ -301,7 +442,7 @@ def _bar(total: int, desc: str):
 # --- resume checkpoint --------------------------------------------------------------------------------------
 
 
-def _rng_states(shuffle_gen: torch.Generator, mask_gen: torch.Generator) -> dict:
+def _rng_states(shuffle_gen: torch.Generator, mask_state: torch.Tensor) -> dict:
     np_state = np.random.get_state(legacy=False)
     return {
         "torch": torch.get_rng_state(),
@@ -315,7 +456,8 @@ def _rng_states(shuffle_gen: torch.Generator, mask_gen: torch.Generator) -> dict
             "gauss": float(np_state["gauss"]),
         },
         "shuffle": shuffle_gen.get_state(),
-        "mask": mask_gen.get_state(),
+        # At the epoch boundary: before the next epoch's masks (which a background thread may already be drawing).
+        "mask": mask_state,
     }
 
 
@@ -331,12 +473,15 @@ def _set_rng_states(rng: dict, shuffle_gen: torch.Generator, mask_gen: torch.Gen
     mask_gen.set_state(rng["mask"])
 
 
-def _save_resume(path, fingerprint, progress, model, optimizer, shuffle_gen, mask_gen) -> None:
+def _save_resume(path, fingerprint, numerics: Numerics, progress, model, optimizer, scaler, shuffle_gen,
+                 mask_state) -> None:
     io.write_torch(
         path,
         {
             "format": RESUME_FORMAT,
             "fingerprint": fingerprint,
+            # The arithmetic decided on this box (probe, TF32): a box that decides otherwise starts over.
+            "numerics": json.dumps(numerics.record(), sort_keys=True),
             "epoch": progress.epoch,
             "best_val_loss": progress.best_val_loss,
             "best_epoch": progress.best_epoch,
@@ -344,12 +489,14 @@ def _save_resume(path, fingerprint, progress, model, optimizer, shuffle_gen, mas
             "history": [list(row) for row in progress.history],
             "model": _cpu_copy(model.state_dict()),
             "optimizer": optimizer.state_dict(),
-            "rng": _rng_states(shuffle_gen, mask_gen),
+            "scaler": scaler.state_dict() if scaler is not None else {},
+            "rng": _rng_states(shuffle_gen, mask_state),
         },
     )
 
 
-def _resume(path: Path, fingerprint, model, optimizer, shuffle_gen, mask_gen, log: Log) -> _Progress | None:
+def _resume(path: Path, fingerprint, numerics: Numerics, model, optimizer, scaler, shuffle_gen, mask_gen,
+            log: Log) -> _Progress | None:
     """Restore everything from a matching checkpoint; discard a stale or unreadable one."""
     if not path.exists():
         return None
@@ -360,12 +507,15 @@ def _resume(path: Path, fingerprint, model, optimizer, shuffle_gen, mask_gen, lo
         log(f"Discarding unreadable resume checkpoint {path} ({type(exc).__name__})")
         path.unlink()
         return None
-    if not ok or state.get("fingerprint") != fingerprint:
-        log(f"Discarding stale resume checkpoint {path} (written for other params, data, device or torch)")
+    same = ok and state.get("numerics") == json.dumps(numerics.record(), sort_keys=True)
+    if not same or state.get("fingerprint") != fingerprint:
+        log(f"Discarding stale resume checkpoint {path} (written for other params, data, device, precision or torch)")
         path.unlink()
         return None
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
+    if scaler is not None:
+        scaler.load_state_dict(state["scaler"])
     _set_rng_states(state["rng"], shuffle_gen, mask_gen)
     log(f"Resuming from {path}: epoch {state['epoch']} done, best epoch {state['best_epoch']}")
     return _Progress(

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
 from moola import finetuning, io
-from moola.device import describe, pick_device
+from moola.device import describe, pick_device, use_threads
 from moola.errors import DataError, ParamsError, run_main
 from moola.evaluation import success_criteria
 from moola.models import load_encoder_checkpoint
+from moola.numerics import apply_cuda_settings, attention_kernels
 from moola.params import CLASS_NAMES, PARAMS_FILE, Params, load_params
 from moola.windows import read_windows
 
@@ -59,9 +59,9 @@ def run(p: Params, encoder: Path, ablation: str | None) -> None:
     if len(set(ft.seeds)) != len(ft.seeds):
         raise ParamsError(f"{PARAMS_FILE}: finetune.seeds must be distinct, got {ft.seeds}")
     device = pick_device(ft.device, key="finetune.device")
-    if device.type == "cpu":
-        # Fixed, so that the bytes of every output do not depend on the machine's core count.
-        torch.set_num_threads(ft.threads)
+    # Fixed on the CPU, so that the bytes of every output do not depend on the machine's core count.
+    use_threads(device, ft.threads)
+    apply_cuda_settings(device, ft.tf32, ft.deterministic)
     labeled = read_windows(LABELED)
     if labeled.label is None:
         raise DataError(f"{LABELED}: column 'label' missing (expected the labeled windows file)")
@@ -77,10 +77,11 @@ def run(p: Params, encoder: Path, ablation: str | None) -> None:
         f"device {describe(device)}",
         flush=True,
     )
-    result = finetuning.run_oof(
-        labeled.values, labeled.label, labeled.window_id, cfg, ft.seeds, ft.folds, inits,
-        encoder_state=checkpoint.state_dict, device=device,
-    )
+    with attention_kernels(device, ft.deterministic):
+        result = finetuning.run_oof(
+            labeled.values, labeled.label, labeled.window_id, cfg, ft.seeds, ft.folds, inits,
+            encoder_state=checkpoint.state_dict, device=device,
+        )
     summary = finetuning.summary_report(result.predictions, inits)
     common = {"windows": len(labeled), "class_counts": counts, "folds": ft.folds, "seeds": list(ft.seeds),
               "epochs": cfg.epochs, "freeze_epochs": cfg.freeze_epochs}

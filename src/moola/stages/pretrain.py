@@ -147,10 +147,14 @@ def main(argv: list[str] | None = None) -> None:
     result = pretrain(train, val, exp, p.seed, device=device, resume_path=resume, fingerprint=fingerprint)
 
     save_encoder_checkpoint(
-        encoder_path(exp.name), result.model, encoder_hyperparams(exp, p.data.window), result.training
+        encoder_path(exp.name), result.model, encoder_hyperparams(exp, p.data.window, result.numerics),
+        result.training,
     )
     io.write_json(metrics_path(exp.name), metrics(result, exp))
     io.write_text(plots_path(exp.name), plot_csv(result))
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    if peak is not None:
+        log_line(f"{exp.name}: peak GPU memory {peak:,.0f} MiB")  # moola parallel repeats this line per job
     io.write_json(
         runtime_path(exp.name),
         {
@@ -160,6 +164,9 @@ def main(argv: list[str] | None = None) -> None:
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
             "precision": result.precision,
+            # What really ran: the LSTM's dtype (read from its output), autocast, loss scaling, TF32, cuDNN flags.
+            "numerics": result.numerics,
+            "peak_gpu_memory_mib": None if peak is None else round(peak, 1),
         },
     )
     resume.unlink(missing_ok=True)
