@@ -228,8 +228,14 @@ def read_windows(path: str | Path) -> Windows:
     if not path.exists():
         raise DataError(f"{path}: not found (run `dvc repro prepare` first)")
     try:
-        table = pq.read_table(path)
+        # Pages written by moola.io carry a CRC; a flipped bit is caught here instead of becoming a wrong number.
+        table = pq.read_table(path, page_checksum_verification=True)
     except Exception as exc:
+        if "checksum" in str(exc).lower():
+            raise DataError(
+                f"{path}: damaged (a data page fails its CRC checksum); restore it with `dvc checkout --relink "
+                f"{path}` or `dvc pull {path}`, else re-run `dvc repro -f -s prepare`"
+            ) from None
         raise DataError(f"{path}: not a readable parquet file ({type(exc).__name__}: {exc})") from None
     meta = table.schema.metadata or {}
     if b"moola.window" not in meta or "values" not in table.column_names or "window_id" not in table.column_names:
