@@ -59,7 +59,9 @@ def write_files_source(repo: Path, bars: pd.DataFrame, labels: pd.DataFrame, suf
     else:
         bars.to_parquet(raw / "bars.parquet", index=False)
     labels.to_csv(raw / "labels.csv", index=False)
-    set_params(repo, data={"source": "files", "bars": f"data/raw/bars{suffix}", "labels": "data/raw/labels.csv"})
+    # Two folds: four labeled windows (two of each class) are enough for prepare's early fold check.
+    set_params(repo, data={"source": "files", "bars": f"data/raw/bars{suffix}", "labels": "data/raw/labels.csv"},
+               finetune={"folds": 2})
 
 
 def good_files():
