@@ -1,5 +1,8 @@
 """The prepare and augment stages through real commands: outputs, logs, bad input, and `dvc repro`."""
 
+import os
+import subprocess
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -302,3 +305,43 @@ def test_flipped_bit_in_an_augmented_array_stops_pretrain(plain_repo):
     one_line_refusal(proc, "data/augmented/warp12_x4.npy: fails its checksum")
     assert "dvc repro -f -s augment@warp12_x4" in proc.stderr
     assert not (plain_repo / "data/pretrained").exists()
+
+
+# ---- disk full: a write the system refuses is one line naming the file and what it was, with nothing left behind
+
+
+@contextmanager
+def small_filesystem(folder: Path, size: str = "64k"):
+    """A tmpfs of `size` mounted on `folder` (root only); skips the test where one cannot be made."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0:
+        pytest.skip("a small filesystem needs `mount -t tmpfs`, which needs root")
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip() or proc.returncode}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+DISK_FULL = {
+    "prepare": (["prepare"], "data/prepared", "data/prepared/unlabeled_windows.parquet: could not write a parquet table of 71 rows: No space left on device [errno 28]; nothing was written (free space on that disk"),
+    "augment": (["augment", "--recipe", "warp12_x4"], "data/augmented", "data/augmented/warp12_x4.npy: could not write a float32 array of shape (285, 105, 4)"),
+    "pretrain": (["pretrain", "--experiment", "exp1_baseline", "--augmented", "data/augmented/warp12_x4.npy"], "data/pretrained", "data/pretrained/exp1_baseline_encoder.pt: could not write an encoder checkpoint"),
+}
+
+
+@pytest.mark.parametrize("case", list(DISK_FULL))
+def test_disk_full_is_one_line_and_leaves_nothing(plain_repo, case):
+    args, folder, message = DISK_FULL[case]
+    if case != "prepare":
+        stage(plain_repo, "prepare")
+    if case == "pretrain":
+        stage(plain_repo, "augment", "--recipe", "warp12_x4")
+    with small_filesystem(plain_repo / folder):
+        proc = stage(plain_repo, *args, check=False)
+        line = one_line_refusal(proc, message)
+        assert "No space left on device [errno 28]" in line
+        assert os.listdir(plain_repo / folder) == []  # no output, no temporary file

@@ -10,6 +10,7 @@ per-page CRC checksums (`write_page_checksum`), and .npy arrays end with a sha25
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
@@ -37,13 +38,23 @@ def _size(n: int) -> str:
     return f"{n:,} bytes" if n < 1_000_000 else f"{n / 1e6:,.1f} MB"
 
 
+_WRITE_HINTS = {
+    errno.ENOSPC: "free space on that disk",
+    errno.EDQUOT: "free space within your quota",
+    errno.EACCES: "make that folder writable",
+    errno.EPERM: "make that folder writable",
+    errno.EROFS: "write to a writable filesystem",
+}
+
+
 def _write_failed(path: Path, what: str, exc: OSError) -> OutputError:
-    reason = exc.strerror or str(exc).split("\n")[0] or type(exc).__name__
-    errno = f" [errno {exc.errno}]" if exc.errno else ""
-    return OutputError(
-        f"{path}: could not write {what}: {reason}{errno}; nothing was written (free space or fix the folder's "
-        "permissions, then re-run the stage)"
-    )
+    # The system's own words for the errno: pyarrow puts a longer text of its own in strerror.
+    if exc.errno:
+        reason = f"{os.strerror(exc.errno)} [errno {exc.errno}]"
+    else:
+        reason = str(exc).split("\n")[0] or type(exc).__name__
+    hint = _WRITE_HINTS.get(exc.errno, "fix the cause")
+    return OutputError(f"{path}: could not write {what}: {reason}; nothing was written ({hint}, then re-run the stage)")
 
 
 @contextmanager
