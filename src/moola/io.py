@@ -152,6 +152,43 @@ def npy_checksum_problem(path: str | os.PathLike) -> str | None:
     return None
 
 
+def _relative(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    if path.is_absolute():
+        try:
+            return path.relative_to(Path.cwd())
+        except ValueError:
+            pass
+    return path
+
+
+def dvc_cache_object(path: str | os.PathLike) -> str:
+    """The DVC cache file of the output at `path` as dvc.lock records it (stages run from the repository root),
+    or a description where dvc.lock or the cache is not there."""
+    import yaml
+
+    want = _relative(path).as_posix()
+    try:
+        lock = yaml.safe_load(Path("dvc.lock").read_text()) or {}
+        for entry in (lock.get("stages") or {}).values():
+            for out in entry.get("outs", []) if isinstance(entry, dict) else []:
+                md5 = out.get("md5") if isinstance(out, dict) else None
+                if out.get("path") == want and isinstance(md5, str) and Path(".dvc/cache").is_dir():
+                    return f".dvc/cache/files/md5/{md5[:2]}/{md5[2:]}"
+    except (OSError, AttributeError, TypeError, yaml.YAMLError):
+        pass
+    return "its object in the DVC cache (files/md5/, named by its md5 in dvc.lock)"
+
+
+def restore_advice(path: str | os.PathLike, stage: str) -> str:
+    """How to get an intact copy of a damaged pipeline output back."""
+    path = _relative(path)
+    return (
+        f"restore it with `dvc checkout --relink {path}`; if that brings the damage back, the cache copy is damaged "
+        f"too: `rm -f {dvc_cache_object(path)}`, then `dvc pull {path}` or `dvc repro -f -s {stage}`"
+    )
+
+
 def write_parquet(path: str | os.PathLike, table) -> None:
     """Write a pyarrow Table or a pandas DataFrame atomically, with a CRC checksum on every data page."""
     import pyarrow as pa

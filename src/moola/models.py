@@ -169,8 +169,7 @@ def load_encoder_checkpoint(path: str | Path, expect_hidden: int | None = None) 
     if found != recorded:
         raise CheckpointDamaged(
             f"{path}: weights fail their checksum (sha256 recorded {recorded[:12]}..., found {found[:12]}...): the "
-            f"file is damaged; restore it with `dvc checkout --relink {path}` (or `dvc pull {path}`) if the cache "
-            f"copy is intact, else re-run `dvc repro -f -s {stage}`"
+            f"file is damaged; {io.restore_advice(path, stage)}"
         )
     for key in REQUIRED_HYPERPARAMS:
         if key not in hyperparams:

@@ -346,9 +346,10 @@ def read_windows(path: str | Path) -> Windows:
         table = pq.read_table(path, page_checksum_verification=True)
     except Exception as exc:
         if "checksum" in str(exc).lower():
+            from moola.io import restore_advice
+
             raise DataError(
-                f"{path}: damaged (a data page fails its CRC checksum); restore it with `dvc checkout --relink "
-                f"{path}` or `dvc pull {path}`, else re-run `dvc repro -f -s prepare`"
+                f"{path}: damaged (a data page fails its CRC checksum); {restore_advice(path, 'prepare')}"
             ) from None
         raise DataError(f"{path}: not a readable parquet file ({type(exc).__name__}: {exc})") from None
     meta = table.schema.metadata or {}

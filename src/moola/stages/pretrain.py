@@ -65,7 +65,8 @@ def load_augmented(path: Path, rows: int, window: int, recipe: str) -> np.ndarra
         problem = io.npy_checksum_problem(path)
         if problem:
             raise DataError(
-                f"{path}: {problem}; re-create it with `dvc repro -f -s augment@{recipe}` (it is never pushed)"
+                f"{path}: {problem}; re-create it with `dvc repro -f -s augment@{recipe}` (never pushed; if that "
+                f"brings the damage back, `rm -f {io.dvc_cache_object(path)}` first)"
             )
     if array.dtype != np.float32 or array.shape != expected:
         raise DataError(
