@@ -345,3 +345,15 @@ def test_disk_full_is_one_line_and_leaves_nothing(plain_repo, case):
         line = one_line_refusal(proc, message)
         assert "No space left on device [errno 28]" in line
         assert os.listdir(plain_repo / folder) == []  # no output, no temporary file
+
+
+@pytest.mark.integration
+def test_dvc_repro_stops_at_the_first_stage_for_an_experiment_dvc_yaml_does_not_know(tiny_repo):
+    set_params(tiny_repo, experiments={"exp6_wide": {"hidden_size": 256}})
+    proc = run(["dvc", "repro"], tiny_repo, check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    errors = [line for line in out.splitlines() if line.startswith("error: ")]
+    assert errors == [errors[0]] and "params.yaml: experiments.exp6_wide has no pretrain stage in dvc.yaml" in errors[0]
+    assert "Running stage 'prepare'" in out and "Running stage 'augment" not in out and "Traceback" not in out
+    assert not (tiny_repo / "data/prepared/unlabeled_windows.parquet").exists()
