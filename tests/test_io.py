@@ -97,3 +97,16 @@ def test_npy_trailer_keeps_a_plain_npy_and_catches_a_flipped_bit(tmp_path):
     assert "fails its checksum" in io.npy_checksum_problem(path)
     np.save(path, array)  # a plain .npy: no trailer, nothing to verify it against
     assert "has no checksum trailer" in io.npy_checksum_problem(path)
+
+
+def test_run_main_turns_any_other_oserror_into_one_line(tmp_path, capsys):
+    import pytest
+
+    from moola.errors import run_main
+
+    missing = tmp_path / "nowhere" / "file.bin"
+    with pytest.raises(SystemExit) as exit_:
+        run_main(lambda: missing.read_bytes())
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: {missing}: No such file or directory (errno 2; FileNotFoundError)"]
