@@ -65,3 +65,48 @@ def test_torch_bytes_do_not_depend_on_the_destination_name(tmp_path):
 def test_outputs_get_ordinary_permissions(tmp_path):
     io.write_npy(tmp_path / "a.npy", np.zeros(3))
     assert (tmp_path / "a.npy").stat().st_mode & 0o777 == 0o666 & ~io._UMASK
+
+
+def test_a_refused_write_names_the_path_and_what_was_written(tmp_path):
+    from moola.errors import OutputError
+
+    blocker = tmp_path / "metrics"
+    blocker.write_text("a file where a folder should be")
+    try:
+        io.write_json(blocker / "finetune.json", {"accuracy": 0.5})
+    except OutputError as exc:
+        message = str(exc)
+    else:
+        raise AssertionError("no OutputError")
+    assert message.startswith(f"{blocker / 'finetune.json'}: could not write JSON (") and "File exists [errno 17]" in message
+    assert "\n" not in message
+
+
+def test_npy_trailer_keeps_a_plain_npy_and_catches_a_flipped_bit(tmp_path):
+    array = np.random.default_rng(0).random((50, 7, 4), dtype=np.float32)
+    path = tmp_path / "a.npy"
+    io.write_npy(path, array)
+    assert np.array_equal(np.load(path), array) and np.array_equal(np.load(path, mmap_mode="r"), array)
+    assert io.npy_checksum_problem(path) is None
+    first = path.read_bytes()
+    io.write_npy(tmp_path / "b.npy", array)
+    assert (tmp_path / "b.npy").read_bytes() == first  # deterministic
+    data = bytearray(first)
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    assert "fails its checksum" in io.npy_checksum_problem(path)
+    np.save(path, array)  # a plain .npy: no trailer, nothing to verify it against
+    assert "has no checksum trailer" in io.npy_checksum_problem(path)
+
+
+def test_run_main_turns_any_other_oserror_into_one_line(tmp_path, capsys):
+    import pytest
+
+    from moola.errors import run_main
+
+    missing = tmp_path / "nowhere" / "file.bin"
+    with pytest.raises(SystemExit) as exit_:
+        run_main(lambda: missing.read_bytes())
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: {missing}: No such file or directory (errno 2; FileNotFoundError)"]

@@ -62,3 +62,11 @@ def test_labeled_windows_do_not_overlap_and_end_in_their_regime(m):
     regime_at_end = m.regime[ends]
     assert np.array_equal(regime_at_end, np.where(labels == 0, market.CONSOLIDATION, market.RETRACEMENT))
     assert np.all(ends - m.segment_start[ends] + 1 >= 15)
+
+
+def test_a_market_too_large_for_memory_is_refused_before_any_allocation():
+    from moola.errors import DataError
+    from moola.params import EXAMPLE_MAX_BARS
+
+    with pytest.raises(DataError, match=f"example market: {EXAMPLE_MAX_BARS + 1:,} bars requested, more than"):
+        market.generate_market(EXAMPLE_MAX_BARS + 1, seed=0)

@@ -7,7 +7,7 @@ import hashlib
 import pytest
 import torch
 
-from moola.errors import CheckpointError
+from moola.errors import CheckpointDamaged, CheckpointError
 from moola.masking import mask_patch
 from moola.models import (
     CHECKPOINT_FORMAT,
@@ -16,6 +16,7 @@ from moola.models import (
     make_encoder,
     masked_mse,
     save_encoder_checkpoint,
+    weights_sha256,
 )
 
 
@@ -160,3 +161,47 @@ def test_wrong_format(tmp_path):
     torch.save(make_encoder(hyperparams(8)).state_dict(), path)  # a bare state_dict
     with pytest.raises(CheckpointError, match="expected 'moola-encoder/1'"):
         load_encoder_checkpoint(path)
+
+
+def flip_bit_in_weights(path, key: str = "weight_hh_l0", at: int = 37) -> None:
+    """Flip one bit inside a stored tensor's bytes (what bit rot in a cache looks like)."""
+    weight = torch.load(path, weights_only=True)["state_dict"][key].numpy().tobytes()
+    data = bytearray(path.read_bytes())
+    offset = data.find(weight[:64])
+    assert offset > 0
+    data[offset + at] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+def test_a_flipped_bit_in_the_weights_is_refused_with_how_to_restore(tmp_path):
+    path = tmp_path / "data/pretrained/exp2_conservative_encoder.pt"
+    save_encoder_checkpoint(path, make_encoder(hyperparams(16)), hyperparams(16), TRAINING)
+    flip_bit_in_weights(path)
+    assert torch.load(path, weights_only=True)["format"] == CHECKPOINT_FORMAT  # torch alone loads it happily
+    with pytest.raises(CheckpointDamaged) as err:
+        load_encoder_checkpoint(path)
+    message = str(err.value)
+    assert message.startswith(f"{path}: weights fail their checksum") and "\n" not in message
+    assert f"dvc checkout --relink {path}" in message and f"dvc pull {path}" in message
+    assert "dvc repro -f -s pretrain@exp2_conservative" in message
+
+
+def test_a_checkpoint_without_a_checksum_is_refused_not_trusted(tmp_path):
+    path = tmp_path / "data/selected/encoder.pt"
+    path.parent.mkdir(parents=True)
+    encoder = make_encoder(hyperparams(8))
+    torch.save({"format": CHECKPOINT_FORMAT, "state_dict": encoder.state_dict(), "hyperparams": hyperparams(8),
+                "training": TRAINING}, path)  # what moola wrote before checksums
+    with pytest.raises(CheckpointDamaged, match=r"holds no weights checksum .* `dvc repro -f -s select`"):
+        load_encoder_checkpoint(path)
+
+
+def test_weights_checksum_covers_names_shapes_and_bytes():
+    encoder = make_encoder(hyperparams(8)).state_dict()
+    digest = weights_sha256(encoder)
+    assert digest == weights_sha256({k: v.clone() for k, v in reversed(list(encoder.items()))})  # order-free
+    renamed = dict(encoder)
+    renamed["weight_hh_l0_x"] = renamed.pop("weight_hh_l0")
+    reshaped = {**encoder, "bias_ih_l0": encoder["bias_ih_l0"].reshape(2, -1)}
+    nudged = {**encoder, "bias_ih_l0": encoder["bias_ih_l0"] + 1e-7}
+    assert len({digest, weights_sha256(renamed), weights_sha256(reshaped), weights_sha256(nudged)}) == 4

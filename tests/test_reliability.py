@@ -99,3 +99,59 @@ def test_damaged_selected_encoder_stops_finetune_in_one_line(tmp_path, damage):
     assert "this must never run" not in proc.stdout + proc.stderr
     assert not (repo / "metrics/finetune.json").exists()
     assert not (repo / "data/finetune/oof_predictions.parquet").exists()
+
+
+def flip_bit_in_weights(path: Path, key: str = "weight_hh_l0", at: int = 37) -> None:
+    weight = torch.load(path, weights_only=True)["state_dict"][key].numpy().tobytes()
+    data = bytearray(path.read_bytes())
+    offset = data.find(weight[:64])
+    assert offset > 0
+    data[offset + at] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+def test_bit_rot_in_the_cached_selected_encoder_stops_dvc_repro_in_one_line(tmp_path):
+    from pipeline_runs import SMALL, lock_outputs, md5_of
+
+    repo = make_repo(tmp_path / "repo", SMALL)
+    run(["dvc", "repro", "finetune"], repo)
+    run(["git", "add", "-A"], repo)
+    run(["git", "commit", "-q", "-m", "results"], repo)
+    selected = "data/selected/encoder.pt"
+    md5 = lock_outputs(repo)[selected]
+    cached = repo / ".dvc/cache/files/md5" / md5[:2] / md5[2:]
+    # Bit rot: one bit of a weight flips in the cache copy; size and modification time stay as they were.
+    before = cached.stat()
+    os.chmod(cached, 0o644)
+    flip_bit_in_weights(cached)
+    os.chmod(cached, before.st_mode)
+    os.utime(cached, ns=(before.st_atime_ns, before.st_mtime_ns))
+    (repo / selected).unlink()
+    run(["dvc", "checkout", selected], repo)  # a fresh checkout (or pull) brings the damaged copy back, silently
+    assert (repo / selected).read_bytes() == cached.read_bytes()
+    assert "up to date" in run(["dvc", "status", "finetune"], repo).stdout  # DVC trusts its state database
+
+    lock_before = lock_of(repo)["stages"]["finetune"]
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["finetune"]["bootstrap"] = 60  # any fine-tuning change: DVC re-runs finetune alone, on that encoder
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    proc = run(["dvc", "repro", "finetune"], repo, check=False)
+    assert proc.returncode != 0
+    out = proc.stdout + proc.stderr
+    assert "Running stage 'finetune'" in out and "Running stage 'select'" not in out
+    errors = [line for line in out.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: {selected}: weights fail their checksum"), out
+    assert "Traceback" not in out
+    assert lock_of(repo)["stages"]["finetune"] == lock_before  # nothing recorded from the damaged encoder
+
+    # Following the message: --relink brings back the cache's damaged copy, so remove that copy and re-run select,
+    # which copies the intact pretrained encoder again; then fine-tuning runs.
+    assert f"dvc checkout --relink {selected}" in errors[0]
+    assert f"`rm -f .dvc/cache/files/md5/{md5[:2]}/{md5[2:]}`" in errors[0] and "dvc repro -f -s select" in errors[0]
+    run(["dvc", "checkout", "--relink", selected], repo)
+    assert (repo / selected).read_bytes() == cached.read_bytes()
+    cached.unlink()
+    run(["dvc", "repro", "-f", "-s", "select"], repo)
+    run(["dvc", "repro", "finetune"], repo)
+    assert lock_outputs(repo)[selected] == md5
+    assert cached.is_file() and md5_of(cached) == md5

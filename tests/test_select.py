@@ -133,3 +133,19 @@ def test_missing_curve_names_the_file(workspace):
     (workspace / select_stage.curve_path("exp3_aggressive")).unlink()
     with pytest.raises(DataError, match=r"plots/pretrain/exp3_aggressive\.csv: not found"):
         select_stage.select(workspace)
+
+
+def test_a_damaged_encoder_stops_select_instead_of_losing_the_race(workspace):
+    for i, exp in enumerate(EXPERIMENTS):
+        write_experiment(workspace, exp, *healthy(start=0.01 + 0.01 * i))  # exp1 is the best
+    path = workspace / select_stage.encoder_path("exp1_baseline")
+    weight = torch.load(path, weights_only=True)["state_dict"]["weight_hh_l0"].numpy().tobytes()
+    data = bytearray(path.read_bytes())
+    data[data.find(weight[:64]) + 101] ^= 0x20  # one bit inside a weight tensor
+    path.write_bytes(bytes(data))
+    from moola.errors import CheckpointDamaged
+
+    with pytest.raises(CheckpointDamaged, match="exp1_baseline_encoder.pt: weights fail their checksum") as err:
+        select_stage.select(workspace)
+    assert "dvc repro -f -s pretrain@exp1_baseline" in str(err.value)
+    assert not (workspace / select_stage.SELECTED_ENCODER).exists()

@@ -22,8 +22,16 @@ class CheckpointError(MoolaError):
     pass
 
 
+class CheckpointDamaged(CheckpointError):
+    """A checkpoint whose weights fail (or lack) their checksum: never a reason to pick another one silently."""
+
+
 class TrainingDiverged(MoolaError):
     pass
+
+
+class OutputError(MoolaError):
+    """An output could not be written (disk full, read-only folder, quota): names the path and what it was."""
 
 
 EXIT_USER_ERROR = 2
@@ -40,6 +48,10 @@ def run_main(main: Callable[[], None]) -> None:
         main()
     except MoolaError as exc:
         fail(" ".join(str(exc).split()))
+    except OSError as exc:
+        # moola.io already names what it was writing; this catches the rest (a read that the OS refused, ...).
+        where = f"{exc.filename}: " if exc.filename else ""
+        fail(f"{where}{exc.strerror or type(exc).__name__} (errno {exc.errno}; {type(exc).__name__})")
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr, flush=True)
         raise SystemExit(130)

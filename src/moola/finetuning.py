@@ -18,7 +18,7 @@ from torch import nn
 
 from moola import evaluation
 from moola.classifier import SimpleLSTM, load_forward_weights
-from moola.errors import ParamsError
+from moola.errors import DataError, ParamsError
 from moola.params import CLASS_NAMES, PARAMS_FILE, Params
 
 NETWORK_INITS = ("pretrained", "scratch")
@@ -82,8 +82,14 @@ def check_folds(labels: np.ndarray, folds: int, source: str) -> None:
     """Stratified k-fold needs every class in every fold: refuse more folds than the smallest class has windows."""
     counts = class_counts(labels)
     smallest = min(counts.values())
+    described = ", ".join(f"{n} {name}" for name, n in counts.items())
+    if smallest == 0:
+        absent = next(name for name, n in counts.items() if n == 0)
+        raise DataError(
+            f"{source}: no '{absent}' windows ({described}); the classifier needs both classes (re-run "
+            "`dvc repro prepare` with labels of both)"
+        )
     if folds > smallest:
-        described = ", ".join(f"{n} {name}" for name, n in counts.items())
         raise ParamsError(
             f"{PARAMS_FILE}: finetune.folds ({folds}) exceeds the smallest class's windows in {source} "
             f"({described}); expected at most {smallest} folds"

@@ -14,6 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from moola.errors import DataError
+from moola.params import EXAMPLE_MAX_BARS
+
 IMPULSE, CONSOLIDATION, RETRACEMENT = 0, 1, 2
 REGIME_NAMES = {IMPULSE: "impulse", CONSOLIDATION: "consolidation", RETRACEMENT: "retracement"}
 
@@ -95,6 +98,10 @@ def _regime_path(n_bars: int, rng: np.random.Generator):
 
 def generate_market(n_bars: int, seed: int, start_price: float = 100.0) -> Market:
     """Generate `n_bars` bars. Pure: the same (n_bars, seed) always gives the same market."""
+    if n_bars > EXAMPLE_MAX_BARS:  # params.py refuses such params at load; this guards every other caller
+        raise DataError(
+            f"example market: {n_bars:,} bars requested, more than the {EXAMPLE_MAX_BARS:,} it generates in memory"
+        )
     rng = np.random.default_rng([seed, 0x6D6F6F6C61])  # "moola"
     regime, seg_start, seg_end, strength, lean = _regime_path(n_bars, rng)
     shocks = rng.standard_t(STUDENT_T_DOF, n_bars) / np.sqrt(STUDENT_T_DOF / (STUDENT_T_DOF - 2.0))

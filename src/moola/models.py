@@ -2,11 +2,15 @@
 
 Checkpoint (`torch.save` dict, loadable with `torch.load(path, weights_only=True)`):
   {"format": "moola-encoder/1", "state_dict": <the nn.LSTM's own state_dict>, "hyperparams": {...},
-   "training": {"best_val_loss", "best_epoch", "epochs_run"}}
+   "training": {"best_val_loss", "best_epoch", "epochs_run"}, "weights_sha256": <hex>}
+
+`weights_sha256` (see `weights_sha256`) makes a checkpoint self-verifying: DVC trusts its state database for a
+cached file whose size and modification time did not change, so a flipped bit would otherwise reach fine-tuning.
 """
 
 from __future__ import annotations
 
+import hashlib
 import pickle
 import re
 import zipfile
@@ -18,7 +22,7 @@ import torch
 from torch import nn
 
 from moola import io
-from moola.errors import CheckpointError
+from moola.errors import CheckpointDamaged, CheckpointError
 
 CHECKPOINT_FORMAT = "moola-encoder/1"
 REQUIRED_HYPERPARAMS = ("input_size", "hidden_size", "num_layers", "bidirectional")
@@ -87,6 +91,27 @@ def make_encoder(hyperparams: dict[str, Any]) -> nn.LSTM:
     )
 
 
+def weights_sha256(state_dict: dict[str, Any]) -> str:
+    """sha256 over the tensors in name order: each name, dtype, shape, then the raw bytes of the contiguous CPU copy."""
+    sha256 = hashlib.sha256()
+    for name in sorted(state_dict):
+        tensor = state_dict[name]
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"{name} is a {type(tensor).__name__}, not a tensor")
+        flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+        sha256.update(f"{name}|{flat.dtype}|{tuple(tensor.shape)}|".encode())
+        sha256.update(flat.view(torch.uint8).numpy().tobytes())
+    return sha256.hexdigest()
+
+
+def _stage_that_writes(path: Path) -> str:
+    """The DVC stage that writes a checkpoint at `path` (by the pipeline's file names), for restore advice."""
+    if path.name == "encoder.pt" and path.parent.name == "selected":
+        return "select"
+    found = re.fullmatch(r"(.+)_encoder\.pt", path.name)
+    return f"pretrain@{found.group(1)}" if found else "<the stage that writes it>"
+
+
 def save_encoder_checkpoint(
     path: str | Path, model: nn.Module, hyperparams: dict[str, Any], training: dict[str, Any]
 ) -> None:
@@ -105,7 +130,9 @@ def save_encoder_checkpoint(
             "state_dict": state_dict,
             "hyperparams": dict(hyperparams),
             "training": dict(training),
+            "weights_sha256": weights_sha256(state_dict),
         },
+        what="an encoder checkpoint",
     )
 
 
@@ -136,6 +163,22 @@ def load_encoder_checkpoint(path: str | Path, expect_hidden: int | None = None) 
         if not isinstance(raw.get(key), kind):
             raise CheckpointError(f"{path}: field '{key}' missing or not a mapping")
     hyperparams, training, state_dict = raw["hyperparams"], raw["training"], raw["state_dict"]
+    stage = _stage_that_writes(path)
+    recorded = raw.get("weights_sha256")
+    if not isinstance(recorded, str):
+        raise CheckpointDamaged(
+            f"{path}: holds no weights checksum (written by an older moola, so it cannot be verified); "
+            f"re-run the stage that writes it: `dvc repro -f -s {stage}`"
+        )
+    try:
+        found = weights_sha256(state_dict)
+    except (TypeError, RuntimeError) as exc:
+        raise CheckpointError(f"{path}: state_dict is not a mapping of tensors ({exc})") from None
+    if found != recorded:
+        raise CheckpointDamaged(
+            f"{path}: weights fail their checksum (sha256 recorded {recorded[:12]}..., found {found[:12]}...): the "
+            f"file is damaged; {io.restore_advice(path, stage)}"
+        )
     for key in REQUIRED_HYPERPARAMS:
         if key not in hyperparams:
             raise CheckpointError(f"{path}: hyperparams lack '{key}' (found: {', '.join(map(str, hyperparams))})")

@@ -21,6 +21,9 @@ PARAMS_FILE = "params.yaml"
 MASK_STRATEGIES = ("random", "block", "patch")
 FEATURES = ("open", "high", "low", "close")
 CLASS_NAMES = ("consolidation", "retracement")
+# The example market is generated in memory, ~220 bytes a bar at its peak (measured: 1M bars, ~0.3 GB with
+# Python): 4M bars stay near 1 GB. The spec (data.* defaults) needs 175,285.
+EXAMPLE_MAX_BARS = 4_000_000
 
 
 def _check(**rules: Any) -> dict:
@@ -355,8 +358,26 @@ def parse_params(raw: Any) -> Params:
     return params
 
 
+def example_market_bars(d: DataParams) -> int:
+    """Bars the example market generates for `d` (as stages/prepare.py's example_source sizes it): the spec's
+    unlabeled stretch, a trading week's gap (5 x 78 bars), then room for the labeled windows."""
+    return (d.unlabeled_windows - 1) * d.stride + d.window + 5 * 78 + 6 * d.labeled_windows * d.window
+
+
 def _cross_checks(p: Params) -> None:
     ft = p.finetune
+    d = p.data
+    if d.source == "example" and example_market_bars(d) > EXAMPLE_MAX_BARS:
+        unlabeled_part = (d.unlabeled_windows - 1) * d.stride
+        keys = (
+            f"data.unlabeled_windows ({d.unlabeled_windows}) x data.stride ({d.stride})"
+            if unlabeled_part >= 6 * d.labeled_windows * d.window
+            else f"data.labeled_windows ({d.labeled_windows}) x data.window ({d.window})"
+        )
+        raise ParamsError(
+            f"{PARAMS_FILE}: {keys} ask the example market for {example_market_bars(d):,} bars, more than the "
+            f"{EXAMPLE_MAX_BARS:,} it can generate in memory (about 1 GB); lower them, or use data.source: files"
+        )
     if ft.hidden_size % ft.attention_heads:
         raise ParamsError(
             f"{PARAMS_FILE}: finetune.hidden_size ({ft.hidden_size}) must be divisible by "
@@ -396,7 +417,40 @@ def load_params(path: str | Path = PARAMS_FILE) -> Params:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
         raise ParamsError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
-    return parse_params(raw)
+    if raw is None:
+        raise ParamsError(
+            f"{path}: empty (expected moola's parameters: seed, mask, data, pretrain, experiments, ...; restore the "
+            f"project's file with `git checkout -- {path}`)"
+        )
+    params = parse_params(raw)
+    _check_pipeline_knows_experiments(params, path)
+    return params
+
+
+def _check_pipeline_knows_experiments(p: Params, params_path: Path) -> None:
+    """Every experiment of params.yaml needs its pretrain stage in dvc.yaml (else select fails after hours)."""
+    dvc_file = params_path.parent / "dvc.yaml"
+    try:
+        stages = (yaml.safe_load(dvc_file.read_text()) or {}).get("stages", {})
+    except (OSError, yaml.YAMLError, AttributeError):
+        return  # no pipeline beside these params (a library call), or one DVC itself will complain about
+    foreach = (stages.get("pretrain") or {}).get("foreach") if isinstance(stages, dict) else None
+    if not isinstance(foreach, dict):
+        return
+    unknown = [name for name in p.experiments if name not in foreach]
+    if unknown:
+        raise ParamsError(
+            f"{params_path}: experiments.{unknown[0]} has no pretrain stage in {dvc_file.name} (its "
+            f"stages.pretrain.foreach lists {', '.join(foreach)}); add `{unknown[0]}: {{augment: "
+            f"{p.experiment(unknown[0]).train.augment}, mask_from: mask}}` there and its files to select's deps, "
+            f"or remove the experiment"
+        )
+    orphans = [name for name in foreach if name not in p.experiments]
+    if orphans:
+        raise ParamsError(
+            f"{dvc_file.name}: stages.pretrain.foreach.{orphans[0]} is not an experiment of {params_path} "
+            f"(expected one of: {', '.join(p.experiments)}); add experiments.{orphans[0]} there or remove the entry"
+        )
 
 
 def as_dict(obj: Any) -> Any:

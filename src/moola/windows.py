@@ -7,10 +7,16 @@ or instrument look alike. A model sees shapes, not price levels.
 File format (parquet, one row per window): window_id (int64), start (timestamp), then `split` ('train' | 'val')
 for unlabeled windows or `label` (0 consolidation, 1 retracement) and `label_name` for labeled ones, and
 `values`: a fixed-size list of window * 4 float32, time-major (bar 0 open, high, low, close, bar 1 ...).
+
+Timestamps (bars' `timestamp`, labels' `start`): ISO 8601 text or a parquet timestamp column. One with a UTC offset
+(`+00:00`, `-05:00`, `Z`, or a time-zone-aware parquet column) is converted to UTC; one without is taken as it is
+(as UTC). Within a file, and between bars and labels, it is all with offsets or all without: naive and aware
+cannot be ordered against each other. Numbers (epoch seconds? milliseconds?) are refused, not guessed.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +45,72 @@ class Windows:
     def subset(self, rows: np.ndarray) -> "Windows":
         pick = lambda a: None if a is None else a[rows]  # noqa: E731
         return Windows(self.values[rows], self.window_id[rows], self.start[rows], pick(self.split), pick(self.label))
+
+
+# --- timestamps -------------------------------------------------------------------------------------------------
+
+ISO_EXAMPLE = "ISO 8601, e.g. 2015-01-13 09:30:00, optionally with an offset such as -05:00 or Z"
+# An offset after a time of day (a date alone, 2015-01-02, ends in digits that only look like one).
+_OFFSET = re.compile(r"\d:\d{2}(?::\d{2}(?:\.\d+)?)?\s*(?:[zZ]|[+-]\d{2}(?::?\d{2})?)$")
+_NUMBER = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
+_DAY_OR_MONTH_FIRST = re.compile(r"\d{1,2}[/.-]\d{1,2}[/.-]\d{2,4}")
+
+
+def _first(mask) -> int:
+    return int(np.flatnonzero(np.asarray(mask))[0])
+
+
+def parse_timestamps(column: pd.Series, path: str | Path, field: str) -> tuple[np.ndarray, bool]:
+    """A timestamp column -> (datetime64[ns] in UTC, without a zone; whether the column carried offsets).
+
+    Any problem is a DataError naming the file, the 1-based row and the field (rules: the module's docstring).
+    """
+    where = lambda i: f"{path}: row {i + 1}, field '{field}'"  # noqa: E731
+    missing = column.isna().to_numpy()
+    if missing.any():
+        raise DataError(f"{where(_first(missing))}: missing (expected a date-time, {ISO_EXAMPLE})")
+    if isinstance(column.dtype, pd.DatetimeTZDtype):
+        return column.dt.tz_convert("UTC").dt.tz_localize(None).to_numpy().astype("datetime64[ns]"), True
+    if pd.api.types.is_datetime64_dtype(column.dtype):
+        return column.to_numpy().astype("datetime64[ns]"), False
+    text = column.astype(str).str.strip()
+    number = text.str.fullmatch(_NUMBER).to_numpy(dtype=bool)
+    if pd.api.types.is_numeric_dtype(column.dtype) or pd.api.types.is_bool_dtype(column.dtype) or number.any():
+        i = _first(number) if number.any() else 0
+        raise DataError(
+            f"{where(i)}: {text.iloc[i]} is a number, not a date-time (epoch seconds, milliseconds and nanoseconds "
+            f"look alike, so moola does not guess); write timestamps as {ISO_EXAMPLE}"
+        )
+    aware = text.str.contains(_OFFSET).to_numpy(dtype=bool)
+    if aware.any() and not aware.all():
+        i = _first(aware != aware[0])
+        has = lambda a: "has a UTC offset" if a else "has no UTC offset"  # noqa: E731
+        raise DataError(
+            f"{where(i)}: '{text.iloc[i]}' {has(aware[i])} but row 1 '{text.iloc[0]}' {has(aware[0])} (expected "
+            "every timestamp with an offset, or none; offsets are converted to UTC)"
+        )
+    parsed = pd.to_datetime(text, format="ISO8601", utc=True, errors="coerce")
+    bad = parsed.isna().to_numpy()
+    if bad.any():
+        i = _first(bad)
+        value = text.iloc[i]
+        hint = (
+            "; write the year first (YYYY-MM-DD): day-first and month-first dates are ambiguous"
+            if _DAY_OR_MONTH_FIRST.match(value)
+            else ""
+        )
+        raise DataError(f"{where(i)}: '{value}' is not a date-time moola reads (expected {ISO_EXAMPLE}){hint}")
+    return parsed.dt.tz_localize(None).to_numpy().astype("datetime64[ns]"), bool(aware[0])
+
+
+def _plain(value) -> str:
+    """A cell as a user wrote it: 'inf', 'NaN (empty)', or the text in quotes; never np.float64(...)."""
+    if isinstance(value, (bool, np.bool_)):
+        return str(value)
+    if isinstance(value, (int, float, np.integer, np.floating)):
+        value = float(value)
+        return "NaN (empty or not a number)" if np.isnan(value) else f"{value:g}"
+    return repr(str(value))
 
 
 # --- bars -------------------------------------------------------------------------------------------------------
@@ -72,20 +144,17 @@ def validate_bars(bars: pd.DataFrame, path: str | Path = "bars") -> pd.DataFrame
         )
     if len(bars) == 0:
         raise DataError(f"{path}: no rows (expected bars with timestamp, open, high, low, close)")
-    try:
-        stamps = pd.to_datetime(bars["timestamp"], utc=False)
-    except (ValueError, TypeError) as exc:
-        raise DataError(f"{path}: field 'timestamp' is not a date-time column ({exc})") from None
-    if stamps.isna().any():
-        row = int(np.flatnonzero(stamps.isna().to_numpy())[0]) + 1
-        raise DataError(f"{path}: row {row}, field 'timestamp': missing (expected a date-time)")
+    parsed, with_offset = parse_timestamps(bars["timestamp"].reset_index(drop=True), path, "timestamp")
+    stamps = pd.Series(parsed)
     prices = {}
     for col in PRICE_COLUMNS:
         values = pd.to_numeric(bars[col], errors="coerce").to_numpy(dtype=np.float64)
         bad = ~np.isfinite(values)
         if bad.any():
             row = int(np.flatnonzero(bad)[0]) + 1
-            raise DataError(f"{path}: row {row}, field '{col}': {bars[col].iloc[row - 1]!r} (expected a finite number)")
+            raise DataError(
+                f"{path}: row {row}, field '{col}': {_plain(bars[col].iloc[row - 1])} (expected a finite price > 0)"
+            )
         nonpositive = values <= 0
         if nonpositive.any():
             row = int(np.flatnonzero(nonpositive)[0]) + 1
@@ -114,7 +183,9 @@ def validate_bars(bars: pd.DataFrame, path: str | Path = "bars") -> pd.DataFrame
             f"{path}: row {row}, field 'timestamp': {stamps.iloc[row - 1]} is before the previous row "
             "(expected timestamps sorted ascending)"
         )
-    return pd.DataFrame({"timestamp": stamps.to_numpy(), **prices})
+    out = pd.DataFrame({"timestamp": parsed, **prices})
+    out.attrs["timestamps_with_offset"] = with_offset  # labels must match (read_labels' bars_with_offset)
+    return out
 
 
 def _bar_text(prices: dict, i: int) -> str:
@@ -154,8 +225,13 @@ def chronological_split(n: int, val_fraction: float) -> np.ndarray:
     return split
 
 
-def read_labels(path: str | Path, timestamps: np.ndarray, window: int) -> tuple[np.ndarray, np.ndarray]:
-    """labels.csv (start, label) -> (start indices into the bars, labels 0/1), checked against the bars."""
+def read_labels(
+    path: str | Path, timestamps: np.ndarray, window: int, bars_with_offset: bool | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """labels.csv (start, label) -> (start indices into the bars, labels 0/1), checked against the bars.
+
+    `bars_with_offset` (the bars' `timestamps_with_offset` attribute): the starts must agree, offsets or none.
+    """
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: not found (source 'files' expects labels there; see README, 'Data format')")
@@ -169,17 +245,20 @@ def read_labels(path: str | Path, timestamps: np.ndarray, window: int) -> tuple[
     if len(labels) == 0:
         raise DataError(f"{path}: no rows (expected one labeled window per row)")
     index_of = pd.Index(timestamps)
+    parsed, with_offset = parse_timestamps(labels["start"], path, "start")
+    if bars_with_offset is not None and with_offset != bars_with_offset:
+        state = lambda a: "have a UTC offset" if a else "have none"  # noqa: E731
+        raise DataError(
+            f"{path}: row 1, field 'start': '{labels['start'].iloc[0]}': the starts {state(with_offset)} but the "
+            f"bars' timestamps {state(bars_with_offset)} (expected both files with offsets, or neither)"
+        )
     starts, classes = [], []
-    for row, (start, label) in enumerate(zip(labels["start"], labels["label"]), start=1):
+    for row, (start, stamp, label) in enumerate(zip(labels["start"], parsed, labels["label"]), start=1):
         name = str(label).strip()
         if name not in CLASS_NAMES:
             raise DataError(
-                f"{path}: row {row}, field 'label': {label!r} (expected one of {', '.join(CLASS_NAMES)})"
+                f"{path}: row {row}, field 'label': {_plain(label)} (expected one of {', '.join(CLASS_NAMES)})"
             )
-        try:
-            stamp = pd.Timestamp(start)
-        except (ValueError, TypeError):
-            raise DataError(f"{path}: row {row}, field 'start': {start!r} (expected a date-time)") from None
         if stamp not in index_of:
             raise DataError(f"{path}: row {row}, field 'start': {start} is not the timestamp of any bar")
         i = int(index_of.get_loc(stamp))
@@ -200,6 +279,41 @@ def read_labels(path: str | Path, timestamps: np.ndarray, window: int) -> tuple[
             f"(expected starts at least {window} bars apart, so that folds cannot leak)"
         )
     return starts_arr, np.asarray(classes, dtype=np.int64)
+
+
+# --- what the rest of the pipeline needs -----------------------------------------------------------------------
+
+
+def check_pipeline_can_finish(
+    unlabeled: Windows, labeled: Windows, folds: int, bars_source: str, labels_source: str
+) -> None:
+    """Refuse at prepare, in seconds, data on which a later stage would fail hours later (after pretraining).
+
+    Pretraining needs a training and a validation window; stratified out-of-fold fine-tuning needs both classes,
+    each with at least `folds` windows.
+    """
+    n_train = int(np.sum(unlabeled.split == "train")) if unlabeled.split is not None else len(unlabeled)
+    n_val = len(unlabeled) - n_train
+    if n_train < 1 or n_val < 1:
+        raise DataError(
+            f"{bars_source}: yields {len(unlabeled)} unlabeled window(s) ({n_train} train, {n_val} validation); "
+            "pretraining needs at least one of each (expected more bars, or a smaller data.window or data.stride "
+            "in params.yaml)"
+        )
+    counts = np.bincount(labeled.label, minlength=len(CLASS_NAMES))
+    found = ", ".join(f"{n} {name}" for name, n in zip(CLASS_NAMES, counts))
+    absent = [name for name, n in zip(CLASS_NAMES, counts) if n == 0]
+    if absent:
+        raise DataError(
+            f"{labels_source}: field 'label': no '{absent[0]}' windows (found {found}); the classifier needs both "
+            f"classes, each with at least finetune.folds={folds} windows"
+        )
+    if counts.min() < folds:
+        raise DataError(
+            f"{labels_source}: field 'label': {found}, fewer than finetune.folds={folds} of each class (stratified "
+            f"folds need every class in every fold); label more windows or set finetune.folds in params.yaml to at "
+            f"most {int(counts.min())}"
+        )
 
 
 # --- file format ------------------------------------------------------------------------------------------------
@@ -228,8 +342,15 @@ def read_windows(path: str | Path) -> Windows:
     if not path.exists():
         raise DataError(f"{path}: not found (run `dvc repro prepare` first)")
     try:
-        table = pq.read_table(path)
+        # Pages written by moola.io carry a CRC; a flipped bit is caught here instead of becoming a wrong number.
+        table = pq.read_table(path, page_checksum_verification=True)
     except Exception as exc:
+        if "checksum" in str(exc).lower():
+            from moola.io import restore_advice
+
+            raise DataError(
+                f"{path}: damaged (a data page fails its CRC checksum); {restore_advice(path, 'prepare')}"
+            ) from None
         raise DataError(f"{path}: not a readable parquet file ({type(exc).__name__}: {exc})") from None
     meta = table.schema.metadata or {}
     if b"moola.window" not in meta or "values" not in table.column_names or "window_id" not in table.column_names:

@@ -13,6 +13,7 @@ from moola.errors import DataError, run_main
 from moola.params import CLASS_NAMES, FEATURES, Params, load_params
 from moola.windows import (
     Windows,
+    check_pipeline_can_finish,
     chronological_split,
     cut_windows,
     normalise,
@@ -57,7 +58,7 @@ def files_source(p: Params) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndar
             f"{d.window} every data.stride={d.stride} bars)"
         )
     timestamps = bars["timestamp"].to_numpy()
-    labeled, labels = read_labels(d.labels, timestamps, d.window)
+    labeled, labels = read_labels(d.labels, timestamps, d.window, bars.attrs.get("timestamps_with_offset"))
     starts = unlabeled_starts(len(bars), d.window, d.stride, p.unlabeled_windows)
     return bars[list(FEATURES)].to_numpy(), timestamps, starts, labeled, labels
 
@@ -83,6 +84,9 @@ def prepare(p: Params) -> tuple[Windows, Windows]:
 def main() -> None:
     p = load_params()
     unlabeled, labeled = prepare(p)
+    # Fail now, not after hours of pretraining (finetune.folds is checked, not used: it is no dep of this stage).
+    bars, labels = (p.data.bars, p.data.labels) if p.data.source == "files" else ("example market (data.*)",) * 2
+    check_pipeline_can_finish(unlabeled, labeled, p.finetune.folds, bars, labels)
     n_val = int(np.sum(unlabeled.split == "val"))
     counts = np.bincount(labeled.label, minlength=len(CLASS_NAMES))
     # Both files are computed before either is written: bad input never leaves one of them behind.

@@ -60,6 +60,14 @@ def load_augmented(path: Path, rows: int, window: int, recipe: str) -> np.ndarra
     except Exception as exc:  # numpy raises several types for a truncated or foreign file
         raise DataError(f"{path}: not a readable .npy array ({type(exc).__name__}: {exc})") from None
     expected = (rows, window, len(FEATURES))
+    if array.dtype == np.float32 and array.shape == expected:
+        # Checked only for an array of the right shape: a stale one gets the more useful message below.
+        problem = io.npy_checksum_problem(path)
+        if problem:
+            raise DataError(
+                f"{path}: {problem}; re-create it with `dvc repro -f -s augment@{recipe}` (never pushed; if that "
+                f"brings the damage back, `rm -f {io.dvc_cache_object(path)}` first)"
+            )
     if array.dtype != np.float32 or array.shape != expected:
         raise DataError(
             f"{path}: holds {array.dtype} {array.shape}, expected float32 {expected} (the prepared training split "

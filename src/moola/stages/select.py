@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from moola import io
-from moola.errors import CheckpointError, DataError, run_main
+from moola.errors import CheckpointDamaged, CheckpointError, DataError, run_main
 from moola.models import load_encoder_checkpoint
 from moola.params import PARAMS_FILE, SelectParams, load_params
 
@@ -174,6 +174,8 @@ def select(root: Path = Path(".")) -> dict:
         hidden, problem = None, None
         try:
             hidden = int(load_encoder_checkpoint(root / encoder_path(name)).hyperparams["hidden_size"])
+        except CheckpointDamaged:
+            raise  # bit rot is not a property of the experiment: choosing another encoder would hide it
         except CheckpointError as exc:
             problem = str(exc)
         candidates.append(assess(name, metrics, curve, hidden, problem, p.select, expect_hidden))
