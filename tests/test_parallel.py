@@ -122,7 +122,7 @@ def test_box_a_runs_its_share_concurrently_and_only_that(boxes):
     assert _concurrent(out, BOX_A)
     assert all(_outcome(out, name) == "ran" for name in BOX_A)
     assert "then: nothing (--only)" in out
-    assert set(boxes["a_lock"]["stages"]) == {"prepare", *(f"augment@{r}" for r in RECIPES), *BOX_A}
+    assert set(boxes["a_lock"]["stages"]) == {"example_market", "prepare", *(f"augment@{r}" for r in RECIPES), *BOX_A}
     for name in BOX_A:
         assert "Running stage" in (boxes["a"] / ".moola" / "logs" / f"{name}.log").read_text()
 
