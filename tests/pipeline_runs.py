@@ -18,7 +18,7 @@ import pytest
 import yaml
 from conftest import ROOT, deep_update, make_repo, run
 
-# Small enough that the pipeline's sixteen stages take a minute or two on 2 cores.
+# Small enough that the pipeline's seventeen stages take a minute or two on 2 cores.
 SMALL = {
     "pretrain": {"hidden_size": 16, "decoder_hidden": 8},
     "finetune": {"hidden_size": 16, "folds": 2, "bootstrap": 50},

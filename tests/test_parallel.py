@@ -154,10 +154,10 @@ def test_box_a_runs_its_share_concurrently_and_only_that(boxes):
     assert all(f"]   {name}: 1 CPU thread\n" in out for name in BOX_A)
     assert all(_outcome(out, name) == "ran" for name in BOX_A)
     assert "then: nothing (--only)" in out
-    assert set(boxes["a_lock"]["stages"]) == {"prepare", *(f"augment@{r}" for r in RECIPES), *BOX_A}
+    assert set(boxes["a_lock"]["stages"]) == {"example_market", "prepare", *(f"augment@{r}" for r in RECIPES), *BOX_A}
     # Its upstream (stdout holds only that: each entry logs to its own file) comes from the team's remote, the
     # augmented arrays too: they are pushed like every output, so their run-cache entries can be restored.
-    assert stages_run(out) == [] and out.count("is cached - skipping run") == 1 + len(RECIPES)
+    assert stages_run(out) == [] and out.count("is cached - skipping run") == 2 + len(RECIPES)
     for name in BOX_A:
         assert "Running stage" in (boxes["a"] / ".moola" / "logs" / f"{name}.log").read_text()
 

@@ -73,7 +73,7 @@ def test_top_level_mask_reaches_only_experiments_without_their_own():
         (lambda r: r["data"].update(unlabeled_windows=0), "data.unlabeled_windows must be greater than 0"),
         (lambda r: r["scale"].update(windows=0), "scale.windows must be greater than 0"),
         (lambda r: r["scale"].update(epochs=True), "scale.epochs must be a number"),
-        (lambda r: r["data"].update(source="web"), "data.source must be one of 'example', 'files'"),
+        (lambda r: r["data"].update(source="files"), "data.source is gone: prepare reads the files that data.bars"),
         (lambda r: r["finetune"].update(attention_heads=5), "must be divisible by finetune.attention_heads"),
         (lambda r: r["finetune"].update(seeds=[]), "finetune.seeds must be a non-empty list"),
         (lambda r: r["finetune"].update(folds=90), "finetune.folds (90) must not exceed data.labeled_windows (89)"),

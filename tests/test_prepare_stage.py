@@ -1,4 +1,4 @@
-"""The prepare and augment stages through real commands: outputs, logs, bad input, and `dvc repro`."""
+"""The example_market, prepare and augment stages through real commands: outputs, logs, bad input, `dvc repro`."""
 
 import os
 import subprocess
@@ -12,7 +12,7 @@ import yaml
 
 from conftest import make_repo, run
 from moola.market import generate_market
-from moola.windows import read_windows
+from moola.windows import read_bars, read_labels, read_windows
 
 OUTPUTS = ["data/prepared/unlabeled_windows.parquet", "data/prepared/labeled_windows.parquet"]
 
@@ -33,7 +33,18 @@ def plain_repo(tmp_path):
     return make_repo(tmp_path / "repo", git=False)
 
 
+def test_example_market_writes_files_in_the_users_format(plain_repo):
+    out = stage(plain_repo, "example_market").stdout
+    bars = read_bars(plain_repo / "data/example/bars.parquet")  # the checks a user's bars get
+    starts, labels = read_labels(plain_repo / "data/example/labels.csv", bars["timestamp"].to_numpy(), 105)
+    assert f"Example market: {len(bars):,} bars" in out and len(starts) == 89
+    assert list(pd.read_csv(plain_repo / "data/example/labels.csv").columns) == ["start", "label"]
+    # The unlabeled windows (11,873 every 10 bars at spec) end a trading week before the first labeled one.
+    assert starts.min() >= (11873 - 1) * 10 + 105 + 5 * 78
+
+
 def test_example_source_logs_the_counts_and_writes_windows(plain_repo):
+    stage(plain_repo, "example_market")
     out = stage(plain_repo, "prepare").stdout
     unlabeled = read_windows(plain_repo / OUTPUTS[0])
     labeled = read_windows(plain_repo / OUTPUTS[1])
@@ -63,8 +74,7 @@ def write_files_source(repo: Path, bars: pd.DataFrame, labels: pd.DataFrame, suf
         bars.to_parquet(raw / "bars.parquet", index=False)
     labels.to_csv(raw / "labels.csv", index=False)
     # Two folds: four labeled windows (two of each class) are enough for prepare's early fold check.
-    set_params(repo, data={"source": "files", "bars": f"data/raw/bars{suffix}", "labels": "data/raw/labels.csv"},
-               finetune={"folds": 2})
+    set_params(repo, data={"bars": f"data/raw/bars{suffix}", "labels": "data/raw/labels.csv"}, finetune={"folds": 2})
 
 
 def good_files():
@@ -150,6 +160,7 @@ BAD_INPUTS.update({
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
 def test_bad_input_is_one_line_exit_2_and_no_output(plain_repo, case):
     # A previous good run's outputs must survive a failed run untouched.
+    stage(plain_repo, "example_market")
     stage(plain_repo, "prepare")
     before = {p: (plain_repo / p).read_bytes() for p in OUTPUTS}
     bars, labels = good_files()
@@ -167,6 +178,7 @@ def test_bad_input_is_one_line_exit_2_and_no_output(plain_repo, case):
 
 
 def test_empty_or_truncated_prepared_file_stops_augment(plain_repo):
+    stage(plain_repo, "example_market")
     stage(plain_repo, "prepare")
     path = plain_repo / OUTPUTS[0]
     path.write_bytes(path.read_bytes()[:1000])
@@ -182,7 +194,7 @@ def test_empty_or_truncated_prepared_file_stops_augment(plain_repo):
 @pytest.mark.integration
 def test_dvc_repro_prepare_augment_then_nothing_to_do(tiny_repo):
     out = run(["dvc", "repro", "prepare", "augment"], tiny_repo).stdout
-    for name in ["prepare", "augment@warp12_x4", "augment@warp10_x3", "augment@warp15_x5"]:
+    for name in ["example_market", "prepare", "augment@warp12_x4", "augment@warp10_x3", "augment@warp15_x5"]:
         assert f"Running stage '{name}'" in out
     lock = yaml.safe_load((tiny_repo / "dvc.lock").read_text())
     assert lock["stages"]["augment@warp10_x3"]["params"]["params.yaml"]["augment.recipes.warp10_x3"] == {

@@ -53,6 +53,7 @@ def test_recipe_that_disagrees_with_params_is_refused(tmp_path):
 def test_divergence_is_one_line_and_writes_nothing(tmp_path):
     repo = make_repo(tmp_path / "repo", {"pretrain": {"hidden_size": 8, "decoder_hidden": 8, "threads": 1, "learning_rate": 1e30}},
                      git=False)
+    run(["python", "-m", "moola.stages.example_market"], repo)
     run(["python", "-m", "moola.stages.prepare"], repo)
     run(["python", "-m", "moola.stages.augment", "--recipe", "warp12_x4"], repo)
     proc = run(pretrain_cmd("exp1_baseline", "warp12_x4"), repo, check=False)

@@ -91,6 +91,7 @@ def test_damaged_selected_encoder_stops_finetune_in_one_line(tmp_path, damage):
         foreign_pickle(encoder)
     else:
         encoder.write_bytes(b"")
+    run(["python", "-m", "moola.stages.example_market"], repo)
     run(["python", "-m", "moola.stages.prepare"], repo)
     proc = run(["python", "-m", "moola.stages.finetune"], repo, check=False)
     assert proc.returncode == 2, proc.stderr

@@ -197,7 +197,7 @@ def test_round_trip_over_ssh(sshd, s3_server: S3Server, reference_run, tmp_path)
     assert run(["git", "rev-parse", "HEAD~1"], laptop).stdout.strip() == reference_run.code_sha
     lock = yaml.safe_load((laptop / "dvc.lock").read_text())["stages"]
     reference = yaml.safe_load((reference_run.repo / "dvc.lock").read_text())["stages"]
-    assert set(lock) == {"prepare", "augment@warp12_x4", *share}  # only the upstream that the share needs
+    assert set(lock) == {"example_market", "prepare", "augment@warp12_x4", *share}  # only the share's upstream
     assert all(lock[name] == reference[name] for name in lock)
     pulled = {p: m for p, m in reference_run.outputs.items()
               if p.startswith("data/prepared/") or p == "data/augmented/warp12_x4.npy"

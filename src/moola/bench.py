@@ -386,11 +386,21 @@ def timed(fn: Callable[[], object], repeats: int) -> tuple[list[float], object]:
 
 def bench_data(p: Params, s: Settings) -> tuple[dict, dict]:
     """Item 3: prepare and augment (vectorised) against per-window loops; returns the figures and the arrays."""
-    from moola.stages.prepare import example_source, prepare
+    from moola.market import example_data
+    from moola.stages.prepare import prepare
+    from moola.windows import unlabeled_starts, validate_bars
 
-    n_windows = p.unlabeled_windows + p.data.labeled_windows
-    prepare_runs, (unlabeled, labeled) = timed(lambda: prepare(p), s.data_repeats)
-    prices, _, starts, _, _ = example_source(p)
+    d = p.data
+    n_windows = p.unlabeled_windows + d.labeled_windows
+
+    def example_then_prepare():
+        bars, labels = example_data(p.seed, d.window, d.stride, d.unlabeled_windows, d.labeled_windows,
+                                    d.min_final_segment)
+        return bars, prepare(p, validate_bars(bars), labels)
+
+    prepare_runs, (bars, (unlabeled, labeled)) = timed(example_then_prepare, s.data_repeats)
+    prices = bars[list(FEATURES)].to_numpy()
+    starts = unlabeled_starts(len(bars), d.window, d.stride, p.unlabeled_windows)
 
     vector_runs, vectorised = timed(lambda: normalise(cut_windows(prices, starts, p.data.window)), s.data_repeats)
     loop_runs, looped = timed(lambda: windows_per_window_loop(prices, starts, p.data.window), s.data_repeats)
@@ -414,7 +424,7 @@ def bench_data(p: Params, s: Settings) -> tuple[dict, dict]:
             "windows": n_windows,
             "seconds": median(prepare_runs),
             "windows_per_second": n_windows / median(prepare_runs),
-            "note": "the whole stage core: example market generation, windowing, normalisation, split",
+            "note": "the example_market and prepare cores: market generation, windowing, normalisation, split",
         },
         "windowing": {
             "windows": len(starts),

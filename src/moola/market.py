@@ -40,6 +40,11 @@ RETRACEMENT_GIVEBACK = (0.2, 0.65)  # fraction of the previous impulse's move
 P_RETRACEMENT = 0.45  # after an impulse; otherwise a consolidation
 P_CONTINUATION = 0.5  # a new impulse goes the previous impulse's way
 
+# The example files: bars between the unlabeled stretch and the labeled one (a trading week), and the names that
+# labels.csv gives pick_labeled_ends' labels 0 and 1.
+EXAMPLE_GAP_BARS = 5 * BARS_PER_DAY
+LABEL_NAMES = (REGIME_NAMES[CONSOLIDATION], REGIME_NAMES[RETRACEMENT])
+
 
 @dataclass(frozen=True)
 class Market:
@@ -182,3 +187,28 @@ def pick_labeled_ends(
         labels.append(0 if regime[b] == CONSOLIDATION else 1)
         next_free = end + 1
     return np.asarray(starts, dtype=np.int64), np.asarray(labels, dtype=np.int64)
+
+
+def example_data(
+    seed: int, window: int, stride: int, unlabeled_windows: int, labeled_windows: int, min_final_segment: int
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The example market as a user would supply their own: (bars, labels).
+
+    bars: timestamp, open, high, low, close, volume. labels: start (timestamp of a window's first bar), label
+    (consolidation | retracement). The market has the spec's length whatever the scale: its first
+    `(unlabeled_windows - 1) * stride + window` bars hold the unlabeled windows (prepare takes the first ones), and
+    the labeled windows come from a later stretch, a trading week after it, so they never overlap an unlabeled one.
+    """
+    spec_bars = (unlabeled_windows - 1) * stride + window
+    # Generous room for the labeled windows: consolidations and retracements are about half of all bars.
+    n_bars = spec_bars + EXAMPLE_GAP_BARS + 6 * labeled_windows * window
+    market = generate_market(n_bars, seed)
+    starts, labels = pick_labeled_ends(
+        market, spec_bars + EXAMPLE_GAP_BARS, labeled_windows, window, min_final_segment, seed
+    )
+    if len(starts) < labeled_windows:
+        raise DataError(f"example market: found only {len(starts)} of data.labeled_windows={labeled_windows}")
+    label_table = pd.DataFrame(
+        {"start": market.bars["timestamp"].to_numpy()[starts], "label": [LABEL_NAMES[i] for i in labels]}
+    )
+    return market.bars, label_table

@@ -7,7 +7,6 @@ An unknown key, a wrong type or a value out of range raises `ParamsError` with o
 from __future__ import annotations
 
 import dataclasses
-import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,8 +15,8 @@ from typing import Any, Literal, Mapping
 import yaml
 
 from moola.errors import ParamsError
+from moola.validation import PARAMS_FILE, apply_rules, build, convert, type_name
 
-PARAMS_FILE = "params.yaml"
 MASK_STRATEGIES = ("random", "block", "patch")
 FEATURES = ("open", "high", "low", "close")
 CLASS_NAMES = ("consolidation", "retracement")
@@ -48,9 +47,9 @@ class ScaleParams:
 
 @dataclass(frozen=True)
 class DataParams:
-    source: Literal["example", "files"] = "example"
-    bars: str = "data/raw/bars.parquet"
-    labels: str = "data/raw/labels.csv"
+    # The files prepare reads (and dvc.yaml lists as its deps): the example_market stage's, or a user's own.
+    bars: str = "data/example/bars.parquet"
+    labels: str = "data/example/labels.csv"
     window: int = _f(105, positive=True)
     unlabeled_windows: int = _f(11873, positive=True)
     labeled_windows: int = _f(89, positive=True)
@@ -202,98 +201,6 @@ class Params:
         return min(self.finetune_epochs - 1, round(self.finetune.freeze_epochs * self.scale.epochs))
 
 
-# --- validation ---------------------------------------------------------------------------------------------
-
-
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    if origin is list:
-        return f"a list of {_type_name(typing.get_args(tp)[0])}"
-    if origin is dict:
-        return "a mapping"
-    if dataclasses.is_dataclass(tp):
-        return "a mapping"
-    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
-
-
-def _convert(value: Any, tp: Any, key: str) -> Any:
-    origin = typing.get_origin(tp)
-    bad = ParamsError(f"{PARAMS_FILE}: {key} must be {_type_name(tp)}, got {value!r}")
-    if origin is Literal:
-        if value not in typing.get_args(tp):
-            raise bad
-        return value
-    if origin is list:
-        if not isinstance(value, list) or not value:
-            raise ParamsError(f"{PARAMS_FILE}: {key} must be a non-empty list, got {value!r}")
-        (item_tp,) = typing.get_args(tp)
-        return [_convert(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        _, item_tp = typing.get_args(tp)
-        if not isinstance(value, Mapping):
-            raise bad
-        return {str(k): _convert(v, item_tp, f"{key}.{k}") for k, v in value.items()}
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, key)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise bad
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise bad
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise bad
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str) or not value:
-            raise bad
-        return value
-    if tp is Any or tp is dict:
-        return value
-    raise TypeError(f"unsupported params type {tp}")
-
-
-def _apply_rules(value: Any, rules: dict, key: str) -> None:
-    if rules.get("positive") and not value > 0:
-        raise ParamsError(f"{PARAMS_FILE}: {key} must be greater than 0, got {value!r}")
-    if "min" in rules and value < rules["min"]:
-        raise ParamsError(f"{PARAMS_FILE}: {key} must be at least {rules['min']}, got {value!r}")
-    if "max" in rules and value > rules["max"]:
-        raise ParamsError(f"{PARAMS_FILE}: {key} must be at most {rules['max']}, got {value!r}")
-
-
-def _build(cls: type, raw: Any, prefix: str) -> Any:
-    where = prefix or "the top level"
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, Mapping):
-        raise ParamsError(f"{PARAMS_FILE}: {where} must be a mapping, got {raw!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    for key in raw:
-        if key not in fields:
-            dotted = f"{prefix}.{key}" if prefix else str(key)
-            raise ParamsError(
-                f"{PARAMS_FILE}: unknown key '{dotted}' (expected one of: {', '.join(fields)})"
-            )
-    values = {}
-    for name, f in fields.items():
-        dotted = f"{prefix}.{name}" if prefix else name
-        if name not in raw:
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise ParamsError(f"{PARAMS_FILE}: missing key '{dotted}' ({_type_name(hints[name])} expected)")
-            continue
-        value = _convert(raw[name], hints[name], dotted)
-        _apply_rules(value, f.metadata.get("rules", {}), dotted)
-        values[name] = value
-    return cls(**values)
-
-
 def _validate_experiments(raw: Any, params_without: dict) -> dict[str, dict]:
     if not isinstance(raw, Mapping) or not raw:
         raise ParamsError(f"{PARAMS_FILE}: experiments must be a non-empty mapping of name -> overrides")
@@ -308,10 +215,10 @@ def _validate_experiments(raw: Any, params_without: dict) -> dict[str, dict]:
         for key, value in overrides.items():
             dotted = f"experiments.{name}.{key}"
             if key == "mask":
-                clean[key] = _convert(value, Literal["random", "block", "patch"], dotted)
+                clean[key] = convert(value, Literal["random", "block", "patch"], dotted)
             elif key in pretrain_fields:
-                clean[key] = _convert(value, pretrain_hints[key], dotted)
-                _apply_rules(clean[key], pretrain_fields[key].metadata.get("rules", {}), dotted)
+                clean[key] = convert(value, pretrain_hints[key], dotted)
+                apply_rules(clean[key], pretrain_fields[key].metadata.get("rules", {}), dotted)
             else:
                 raise ParamsError(
                     f"{PARAMS_FILE}: unknown key '{dotted}' (expected one of: {', '.join(EXPERIMENT_KEYS)})"
@@ -333,6 +240,11 @@ def parse_params(raw: Any) -> Params:
     if not isinstance(raw, Mapping):
         raise ParamsError(f"{PARAMS_FILE}: the top level must be a mapping, got {type(raw).__name__}")
     raw = dict(raw)
+    if isinstance(raw.get("data"), Mapping) and "source" in raw["data"]:
+        raise ParamsError(
+            f"{PARAMS_FILE}: data.source is gone: prepare reads the files that data.bars and data.labels name "
+            "(data/example/bars.parquet and data/example/labels.csv for the example market); delete data.source"
+        )
     experiments_raw = raw.pop("experiments", None)
     hints = typing.get_type_hints(Params)
     known = [f.name for f in dataclasses.fields(Params)]
@@ -345,11 +257,11 @@ def parse_params(raw: Any) -> Params:
             continue
         tp = hints[name]
         if dataclasses.is_dataclass(tp):
-            values[name] = _build(tp, raw.get(name), name)
+            values[name] = build(tp, raw.get(name), name)
         elif name not in raw:
-            raise ParamsError(f"{PARAMS_FILE}: missing key '{name}' ({_type_name(tp)} expected)")
+            raise ParamsError(f"{PARAMS_FILE}: missing key '{name}' ({type_name(tp)} expected)")
         else:
-            values[name] = _convert(raw[name], tp, name)
+            values[name] = convert(raw[name], tp, name)
     if not values["augment"].recipes:
         raise ParamsError(f"{PARAMS_FILE}: augment.recipes must declare at least one recipe")
     values["experiments"] = _validate_experiments(experiments_raw, values)
@@ -359,7 +271,7 @@ def parse_params(raw: Any) -> Params:
 
 
 def example_market_bars(d: DataParams) -> int:
-    """Bars the example market generates for `d` (as stages/prepare.py's example_source sizes it): the spec's
+    """Bars the example market generates for `d` (as market.example_data sizes it): the spec's
     unlabeled stretch, a trading week's gap (5 x 78 bars), then room for the labeled windows."""
     return (d.unlabeled_windows - 1) * d.stride + d.window + 5 * 78 + 6 * d.labeled_windows * d.window
 
@@ -367,7 +279,8 @@ def example_market_bars(d: DataParams) -> int:
 def _cross_checks(p: Params) -> None:
     ft = p.finetune
     d = p.data
-    if d.source == "example" and example_market_bars(d) > EXAMPLE_MAX_BARS:
+    # The example_market stage runs whichever files data.bars and data.labels name.
+    if example_market_bars(d) > EXAMPLE_MAX_BARS:
         unlabeled_part = (d.unlabeled_windows - 1) * d.stride
         keys = (
             f"data.unlabeled_windows ({d.unlabeled_windows}) x data.stride ({d.stride})"
@@ -376,7 +289,7 @@ def _cross_checks(p: Params) -> None:
         )
         raise ParamsError(
             f"{PARAMS_FILE}: {keys} ask the example market for {example_market_bars(d):,} bars, more than the "
-            f"{EXAMPLE_MAX_BARS:,} it can generate in memory (about 1 GB); lower them, or use data.source: files"
+            f"{EXAMPLE_MAX_BARS:,} it can generate in memory (about 1 GB); lower them"
         )
     if ft.hidden_size % ft.attention_heads:
         raise ParamsError(

@@ -29,6 +29,9 @@ from moola.errors import DataError
 from moola.params import CLASS_NAMES, FEATURES
 
 PRICE_COLUMNS = list(FEATURES)
+# Where the prepare stage writes its windows (dvc.yaml names the same paths).
+UNLABELED = "data/prepared/unlabeled_windows.parquet"
+LABELED = "data/prepared/labeled_windows.parquet"
 
 
 @dataclass(frozen=True)
@@ -120,7 +123,7 @@ def read_bars(path: str | Path) -> pd.DataFrame:
     """Read bars from .parquet or .csv and validate them (see `validate_bars`)."""
     path = Path(path)
     if not path.exists():
-        raise DataError(f"{path}: not found (source 'files' expects bars there; see README, 'Data format')")
+        raise DataError(f"{path}: not found (params.yaml data.bars names it; see README, 'Data format')")
     try:
         if path.suffix == ".parquet":
             bars = pd.read_parquet(path)
@@ -228,17 +231,32 @@ def chronological_split(n: int, val_fraction: float) -> np.ndarray:
 def read_labels(
     path: str | Path, timestamps: np.ndarray, window: int, bars_with_offset: bool | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """labels.csv (start, label) -> (start indices into the bars, labels 0/1), checked against the bars.
+    """labels.csv (start, label) -> (start indices into the bars, labels 0/1), checked against the bars."""
+    return match_labels(read_label_table(path), timestamps, window, path, bars_with_offset)
+
+
+def read_label_table(path: str | Path) -> pd.DataFrame:
+    """labels.csv as read, unchecked (match_labels checks it against the bars)."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: not found (params.yaml data.labels names it; see README, 'Data format')")
+    try:
+        return pd.read_csv(path)
+    except Exception as exc:
+        raise DataError(f"{path}: cannot be read as csv ({type(exc).__name__}: {exc})") from None
+
+
+def match_labels(
+    labels: pd.DataFrame,
+    timestamps: np.ndarray,
+    window: int,
+    path: str | Path = "labels",
+    bars_with_offset: bool | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """A labels table (start, label) -> (start indices into the bars, labels 0/1). Rows are 1-based data rows.
 
     `bars_with_offset` (the bars' `timestamps_with_offset` attribute): the starts must agree, offsets or none.
     """
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"{path}: not found (source 'files' expects labels there; see README, 'Data format')")
-    try:
-        labels = pd.read_csv(path)
-    except Exception as exc:
-        raise DataError(f"{path}: cannot be read as csv ({type(exc).__name__}: {exc})") from None
     missing = [c for c in ("start", "label") if c not in labels.columns]
     if missing:
         raise DataError(f"{path}: missing column(s) {', '.join(missing)} (expected start, label)")

@@ -14,8 +14,7 @@ from moola import io
 from moola.augment import augment_windows
 from moola.errors import ParamsError, run_main
 from moola.params import PARAMS_FILE, load_params
-from moola.stages.prepare import UNLABELED
-from moola.windows import read_windows
+from moola.windows import UNLABELED, read_windows
 
 
 def output_path(recipe: str) -> str:

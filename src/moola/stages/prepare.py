@@ -1,56 +1,40 @@
-"""Stage prepare: bars -> data/prepared/{unlabeled,labeled}_windows.parquet.
+"""Stage prepare: the bars and labels files named by params (data.bars, data.labels) -> data/prepared windows.
 
-Source `example` generates the built-in seeded market (unlabeled windows first, the labeled ones from a later,
-separate stretch of time); source `files` reads data/raw bars and labels (see README, "Data format").
+The files are a user's own (see README, "Data format") or the example market's, which the example_market stage
+writes in the same format; dvc.yaml lists whichever files params name as this stage's deps.
 """
 
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 
-from moola import io, market
+from moola import io
 from moola.errors import DataError, run_main
 from moola.params import CLASS_NAMES, FEATURES, Params, load_params
 from moola.windows import (
+    LABELED,
+    UNLABELED,
     Windows,
     check_pipeline_can_finish,
     chronological_split,
     cut_windows,
+    match_labels,
     normalise,
     read_bars,
-    read_labels,
+    read_label_table,
     unlabeled_starts,
     windows_table,
 )
 
-UNLABELED = "data/prepared/unlabeled_windows.parquet"
-LABELED = "data/prepared/labeled_windows.parquet"
-# Bars between the unlabeled stretch and the labeled one in the example market: a trading week.
-EXAMPLE_GAP_BARS = 5 * market.BARS_PER_DAY
+__all__ = ["LABELED", "UNLABELED", "prepare", "main"]
 
 
-def example_source(p: Params) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(prices, timestamps, unlabeled starts, labeled starts, labels) from the built-in market."""
+def prepare(p: Params, bars: pd.DataFrame, labels: pd.DataFrame) -> tuple[Windows, Windows]:
+    """Validated bars (windows.validate_bars) and a labels table (start, label) -> (unlabeled, labeled) windows.
+
+    The unlabeled windows are the first p.unlabeled_windows starts, every data.stride bars."""
     d = p.data
-    # The market is always the spec's length: scale.windows takes fewer unlabeled windows from its start, and the
-    # labeled windows (from the stretch after the spec's unlabeled bars) are the same at every scale.
-    spec_bars = (d.unlabeled_windows - 1) * d.stride + d.window
-    # Generous room for the labeled windows: consolidations and retracements are about half of all bars.
-    n_bars = spec_bars + EXAMPLE_GAP_BARS + 6 * d.labeled_windows * d.window
-    m = market.generate_market(n_bars, p.seed)
-    labeled, labels = market.pick_labeled_ends(
-        m, spec_bars + EXAMPLE_GAP_BARS, d.labeled_windows, d.window, d.min_final_segment, p.seed
-    )
-    if len(labeled) < d.labeled_windows:
-        raise DataError(f"example market: found only {len(labeled)} of data.labeled_windows={d.labeled_windows}")
-    prices = m.bars[list(FEATURES)].to_numpy()
-    starts = unlabeled_starts(spec_bars, d.window, d.stride, p.unlabeled_windows)
-    return prices, m.bars["timestamp"].to_numpy(), starts, labeled, labels
-
-
-def files_source(p: Params) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    d = p.data
-    bars = read_bars(d.bars)
     min_bars = d.window + 9 * d.stride  # ten windows: enough for a training and a validation split
     if len(bars) < min_bars:
         raise DataError(
@@ -58,35 +42,32 @@ def files_source(p: Params) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndar
             f"{d.window} every data.stride={d.stride} bars)"
         )
     timestamps = bars["timestamp"].to_numpy()
-    labeled, labels = read_labels(d.labels, timestamps, d.window, bars.attrs.get("timestamps_with_offset"))
+    prices = bars[list(FEATURES)].to_numpy()
+    labeled_starts, classes = match_labels(
+        labels, timestamps, d.window, d.labels, bars.attrs.get("timestamps_with_offset")
+    )
     starts = unlabeled_starts(len(bars), d.window, d.stride, p.unlabeled_windows)
-    return bars[list(FEATURES)].to_numpy(), timestamps, starts, labeled, labels
-
-
-def prepare(p: Params) -> tuple[Windows, Windows]:
-    source = example_source if p.data.source == "example" else files_source
-    prices, timestamps, starts, labeled_starts, labels = source(p)
     unlabeled = Windows(
-        values=normalise(cut_windows(prices, starts, p.data.window)),
+        values=normalise(cut_windows(prices, starts, d.window)),
         window_id=np.arange(len(starts), dtype=np.int64),
         start=timestamps[starts],
-        split=chronological_split(len(starts), p.data.val_fraction),
+        split=chronological_split(len(starts), d.val_fraction),
     )
     labeled = Windows(
-        values=normalise(cut_windows(prices, labeled_starts, p.data.window)),
+        values=normalise(cut_windows(prices, labeled_starts, d.window)),
         window_id=np.arange(len(labeled_starts), dtype=np.int64),
         start=timestamps[labeled_starts],
-        label=labels,
+        label=classes,
     )
     return unlabeled, labeled
 
 
 def main() -> None:
     p = load_params()
-    unlabeled, labeled = prepare(p)
+    bars = read_bars(p.data.bars)
+    unlabeled, labeled = prepare(p, bars, read_label_table(p.data.labels))
     # Fail now, not after hours of pretraining (finetune.folds is checked, not used: it is no dep of this stage).
-    bars, labels = (p.data.bars, p.data.labels) if p.data.source == "files" else ("example market (data.*)",) * 2
-    check_pipeline_can_finish(unlabeled, labeled, p.finetune.folds, bars, labels)
+    check_pipeline_can_finish(unlabeled, labeled, p.finetune.folds, p.data.bars, p.data.labels)
     n_val = int(np.sum(unlabeled.split == "val"))
     counts = np.bincount(labeled.label, minlength=len(CLASS_NAMES))
     # Both files are computed before either is written: bad input never leaves one of them behind.
@@ -94,7 +75,7 @@ def main() -> None:
     io.write_parquet(LABELED, windows_table(labeled))
     print(
         f"Loaded {len(unlabeled):,} unlabeled windows ({len(unlabeled) - n_val:,} train, {n_val:,} validation; "
-        f"{p.data.window} bars x {len(FEATURES)} features, source '{p.data.source}')",
+        f"{p.data.window} bars x {len(FEATURES)} features, from {p.data.bars})",
         flush=True,
     )
     print(

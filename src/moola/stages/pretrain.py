@@ -31,8 +31,7 @@ from moola.pretraining import (
     resume_fingerprint,
     resume_path_for,
 )
-from moola.stages.prepare import UNLABELED
-from moola.windows import read_windows
+from moola.windows import UNLABELED, read_windows
 
 
 def encoder_path(experiment: str) -> str:

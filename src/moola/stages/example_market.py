@@ -1,0 +1,37 @@
+"""Stage example_market: the built-in seeded market -> data/example/bars.parquet and data/example/labels.csv.
+
+The files have the format of a user's own (README, "Data format"), so that prepare reads either the same way:
+params.yaml's data.bars and data.labels point at these by default.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+from moola import io, market
+from moola.errors import run_main
+from moola.params import load_params
+
+BARS = "data/example/bars.parquet"
+LABELS = "data/example/labels.csv"
+
+
+def main() -> None:
+    p = load_params()
+    d = p.data
+    bars, labels = market.example_data(
+        p.seed, d.window, d.stride, d.unlabeled_windows, d.labeled_windows, d.min_final_segment
+    )
+    # An explicit schema and no pandas metadata: the file's bytes do not depend on the pandas version.
+    schema = pa.schema(
+        [("timestamp", pa.timestamp("ns"))] + [(c, pa.float64()) for c in ("open", "high", "low", "close")]
+        + [("volume", pa.int64())]
+    )
+    table = pa.Table.from_pandas(bars, schema=schema, preserve_index=False).replace_schema_metadata(None)
+    io.write_parquet(BARS, table)
+    io.write_text(LABELS, labels.to_csv(index=False))
+    print(f"Example market: {len(bars):,} bars -> {BARS}, {len(labels)} labeled windows -> {LABELS}", flush=True)
+
+
+if __name__ == "__main__":
+    run_main(main)

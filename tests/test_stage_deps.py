@@ -1,0 +1,365 @@
+"""`dvc status` says "up to date" only over outputs that the current data, code and params would make.
+
+Through real `dvc` in temporary copies: every moola module a stage's command imports is one of its deps (or on the
+plumbing list), every input that decides an output (a label row, a bar's price, a module, a param) makes
+`dvc status` name the stage and `dvc repro` re-run it, for the example market and for a user's own files, and an
+edit of plumbing re-runs nothing.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from conftest import ROOT, make_repo, run
+from moola.market import generate_market
+from moola.windows import read_windows
+
+pytest.register_assert_rewrite("pipeline_runs")
+pytest_plugins = ["pipeline_runs"]
+
+# Modules that decide no number, so no stage lists them (dvc.yaml's comment block says the same, and
+# test_plumbing_list_is_the_one_dvc_yaml_states keeps the two equal). Anything else a stage imports is its dep.
+PLUMBING = (
+    "src/moola/errors.py",  # error types, the one-line `error: ...` and exit 2
+    "src/moola/io.py",  # atomic writers (temporary file, then rename)
+    "src/moola/validation.py",  # params.yaml type and range checks, and their error texts
+)
+
+DATA_STAGES = ["example_market", "prepare", "augment@warp12_x4", "augment@warp10_x3", "augment@warp15_x5"]
+LABELED = "data/prepared/labeled_windows.parquet"
+UNLABELED = "data/prepared/unlabeled_windows.parquet"
+
+
+# --- what each stage imports and lists -------------------------------------------------------------------------
+
+
+def stage_table(repo: Path) -> dict[str, dict]:
+    """Each stage of the repository's dvc.yaml (foreach resolved by DVC itself): its cmd and its deps."""
+    code = (
+        "import json\nfrom dvc.repo import Repo\n"
+        "with Repo('.') as repo:\n"
+        "    print(json.dumps({s.addressing: {'cmd': s.cmd, 'deps': [d.def_path for d in s.deps]}"
+        " for s in repo.index.stages}))"
+    )
+    return json.loads(run([sys.executable, "-c", code], repo).stdout)
+
+
+def module_file(repo: Path, dotted: str) -> str | None:
+    base = repo / "src" / Path(*dotted.split("."))
+    for path in (base.with_suffix(".py"), base / "__init__.py"):
+        if path.is_file():
+            return path.relative_to(repo).as_posix()
+    return None
+
+
+def static_moola_imports(repo: Path, rel: str) -> set[str]:
+    """moola modules a file imports anywhere in it (also inside functions), by its syntax tree."""
+    found = set()
+    for node in ast.walk(ast.parse((repo / rel).read_text())):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        else:
+            continue
+        for name in names:
+            if name.split(".")[0] == "moola" and (path := module_file(repo, name)):
+                found.add(path)
+    return found
+
+
+def imported_modules(repo: Path, module: str) -> set[str]:
+    """moola source files that importing `module` loads (in a fresh interpreter), plus what they import lazily."""
+    code = (
+        "import importlib, json, sys\nimportlib.import_module(sys.argv[1])\n"
+        "print(json.dumps(sorted(m.__file__ for n, m in list(sys.modules.items())"
+        " if n.split('.')[0] == 'moola' and getattr(m, '__file__', None))))"
+    )
+    loaded = json.loads(run([sys.executable, "-c", code, module], repo).stdout)
+    files = {Path(f).resolve().relative_to(repo.resolve()).as_posix() for f in loaded}
+    todo = list(files)
+    while todo:
+        for path in static_moola_imports(repo, todo.pop()) - files:
+            files.add(path)
+            todo.append(path)
+    return files
+
+
+def needed_deps(repo: Path, files: set[str]) -> set[str]:
+    """The imported files a stage must list: all but the plumbing and empty package markers."""
+    return {f for f in files if f not in PLUMBING and not (f.endswith("__init__.py") and not (repo / f).read_text().strip())}
+
+
+def stage_modules(repo: Path) -> dict[str, set[str]]:
+    """Each stage -> the moola files its cmd module imports (transitively)."""
+    out, cache = {}, {}
+    for name, stage in stage_table(repo).items():
+        match = re.search(r"python -m (moola(?:\.\w+)+)", stage["cmd"])
+        assert match, f"{name}: cmd {stage['cmd']!r} does not run a moola module"
+        if match.group(1) not in cache:
+            cache[match.group(1)] = imported_modules(repo, match.group(1))
+        out[name] = cache[match.group(1)]
+    return out
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    return make_repo(tmp_path_factory.mktemp("deps") / "repo")
+
+
+def test_plumbing_list_is_the_one_dvc_yaml_states():
+    stated = re.findall(r"^#\s+plumbing:\s+(\S+)", (ROOT / "dvc.yaml").read_text(), flags=re.M)
+    assert tuple(stated) == PLUMBING
+    assert all((ROOT / path).is_file() for path in PLUMBING)
+
+
+def test_every_stage_lists_every_module_its_command_imports(project):
+    stages, modules = stage_table(project), stage_modules(project)
+    assert set(stages) >= set(DATA_STAGES) and len(stages) == 17
+    for name, stage in stages.items():
+        deps = set(stage["deps"])
+        missing = needed_deps(project, modules[name]) - deps
+        assert not missing, f"dvc.yaml: stage {name} imports {sorted(missing)} but does not list it under deps"
+        # Plumbing stays out: a better error message must not re-run a training.
+        assert not deps & set(PLUMBING), f"dvc.yaml: stage {name} lists plumbing {sorted(deps & set(PLUMBING))}"
+        listed_code = {d for d in deps if d.startswith("src/")}
+        assert all((project / d).is_file() for d in listed_code), name
+        assert "src/moola/params.py" in deps, name
+    # The loader really sees the imports (a broken discovery would make this test vacuous).
+    assert {"src/moola/pretraining.py", "src/moola/masking.py", "src/moola/params.py"} <= modules["pretrain@exp1_baseline"]
+    assert "src/moola/market.py" in modules["example_market"] and "src/moola/market.py" not in modules["prepare"]
+
+
+# --- dvc status and dvc repro over real runs --------------------------------------------------------------------
+
+
+def status(repo: Path, *targets: str) -> dict:
+    return json.loads(run(["dvc", "status", "--json", *targets], repo).stdout or "{}")
+
+
+def ran(output: str) -> set[str]:
+    return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")}
+
+
+def set_param(repo: Path, dotted: str, value) -> None:
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    *path, last = dotted.split(".")
+    node = params
+    for key in path:
+        node = node[key]
+    node[last] = value
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+@pytest.fixture
+def data_repo(tmp_path) -> Path:
+    """A tiny repository whose example_market, prepare and augment stages have run: `dvc status` is clean."""
+    repo = make_repo(tmp_path / "repo")
+    out = run(["dvc", "repro", "augment"], repo).stdout
+    assert ran(out) == set(DATA_STAGES)
+    assert status(repo, *DATA_STAGES) == {}
+    return repo
+
+
+def scalar_leaves(node, prefix=""):
+    for key, value in node.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            yield from scalar_leaves(value, dotted + ".")
+        elif not isinstance(value, (list, bool)):
+            yield dotted, value
+
+
+def perturbed(dotted: str, value):
+    if dotted == "mask":
+        return "block" if value != "block" else "patch"
+    if isinstance(value, int):
+        return value + 1
+    if isinstance(value, float):
+        return value * 1.25 if value else 0.01
+    return None
+
+
+DATA_OUTPUTS = {
+    "example_market": ["data/example/bars.parquet", "data/example/labels.csv"],
+    "prepare": [UNLABELED, LABELED],
+    "augment@warp12_x4": ["data/augmented/warp12_x4.npy"],
+}
+STAGE_COMMANDS = [
+    ["python", "-m", "moola.stages.example_market"],
+    ["python", "-m", "moola.stages.prepare"],
+    ["python", "-m", "moola.stages.augment", "--recipe", "warp12_x4"],
+]
+
+
+def output_bytes(repo: Path) -> dict[str, list[bytes]]:
+    return {stage: [(repo / p).read_bytes() for p in paths] for stage, paths in DATA_OUTPUTS.items()}
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_each_param_that_changes_a_data_stage_output_makes_status_name_the_stage(data_repo):
+    """For every scalar param a data stage could read (seed, mask, scale, data, augment; the recipe it runs): run the
+    stages' commands by hand with the changed param; whichever stage's output changed, `dvc status` named first."""
+    repo = data_repo
+    original_params = (repo / "params.yaml").read_text()
+    baseline = output_bytes(repo)
+    params = yaml.safe_load(original_params)
+    sections = {k: params[k] for k in ("seed", "mask", "scale", "data")}
+    sections["augment"] = {k: v for k, v in params["augment"].items() if k != "recipes"}
+    sections["augment"]["recipes"] = {"warp12_x4": params["augment"]["recipes"]["warp12_x4"]}
+    decided = {}
+    for dotted, value in scalar_leaves(sections):
+        if dotted in ("data.bars", "data.labels"):  # the files themselves: the source tests below
+            continue
+        new = perturbed(dotted, value)
+        assert new is not None, dotted
+        set_param(repo, dotted, new)
+        named = set(status(repo, *DATA_STAGES))
+        for cmd in STAGE_COMMANDS:
+            run(cmd, repo)
+        changed = {stage for stage, blobs in output_bytes(repo).items() if blobs != baseline[stage]}
+        # Upstream first: a changed upstream output is a changed dep, which `dvc status` names once upstream re-ran.
+        first = next((s for s in DATA_OUTPUTS if s in changed), None)
+        if first is not None:
+            assert first in named, f"params.yaml {dotted}: {first}'s output changed, but `dvc status` named {named}"
+        decided[dotted] = sorted(changed)
+        (repo / "params.yaml").write_text(original_params)
+        run(["dvc", "checkout", "--force", *DATA_STAGES], repo)
+        assert output_bytes(repo) == baseline and status(repo, *DATA_STAGES) == {}
+    # Non-vacuous: the perturbations really reach each stage's numbers.
+    assert decided["seed"] == ["augment@warp12_x4", "example_market", "prepare"]
+    assert decided["scale.windows"] == ["augment@warp12_x4", "prepare"]
+    assert decided["data.val_fraction"] == ["augment@warp12_x4", "prepare"]
+    assert decided["augment.jitter_sigma"] == ["augment@warp12_x4"]
+    assert decided["scale.epochs"] == [] and decided["mask"] == []
+
+
+@pytest.mark.integration
+def test_example_source_a_label_row_a_bar_and_a_param(data_repo):
+    repo = data_repo
+    labels = repo / "data/example/labels.csv"
+    original = labels.read_text()
+    labels.write_text("".join(original.splitlines(keepends=True)[:-1]))  # the last labeled window goes
+    named = status(repo, *DATA_STAGES)
+    assert {"example_market", "prepare"} <= set(named)
+    assert ran(run(["dvc", "repro", "-s", "prepare"], repo).stdout) == {"prepare"}
+    assert len(read_windows(repo / LABELED)) == 88
+    # The example files are example_market's outputs: a full repro puts them (and the windows) back.
+    run(["dvc", "repro", "augment"], repo)
+    assert labels.read_text() == original and len(read_windows(repo / LABELED)) == 89
+    assert status(repo, *DATA_STAGES) == {}
+
+    bars_path = repo / "data/example/bars.parquet"
+    bars = pd.read_parquet(bars_path)
+    before = read_windows(repo / UNLABELED).values[0].copy()
+    bars.loc[50, "close"] = (bars.loc[50, "high"] + bars.loc[50, "low"]) / 2  # still a valid bar
+    bars.to_parquet(bars_path, index=False)
+    assert "prepare" in status(repo, *DATA_STAGES)
+    assert ran(run(["dvc", "repro", "-s", "prepare"], repo).stdout) == {"prepare"}
+    assert not np.array_equal(read_windows(repo / UNLABELED).values[0], before)
+
+    set_param(repo, "seed", 7)
+    assert "example_market" in status(repo, *DATA_STAGES)
+    assert ran(run(["dvc", "repro", "augment"], repo).stdout) == set(DATA_STAGES)
+
+
+@pytest.mark.integration
+def test_user_files_a_label_row_a_bar_a_param_and_a_module(tmp_path):
+    repo = make_repo(tmp_path / "repo")
+    raw = repo / "data/raw"
+    raw.mkdir(parents=True)
+    bars = generate_market(3000, seed=11).bars
+    stamps = bars["timestamp"]
+    bars.to_csv(raw / "bars.csv", index=False)
+    pd.DataFrame({"start": [stamps[0], stamps[200], stamps[900], stamps[1500]],
+                  "label": ["consolidation", "retracement", "retracement", "consolidation"]}).to_csv(
+        raw / "labels.csv", index=False)
+    set_param(repo, "data.bars", "data/raw/bars.csv")
+    set_param(repo, "data.labels", "data/raw/labels.csv")
+    run(["dvc", "add", "data/raw/bars.csv", "data/raw/labels.csv"], repo)  # README's way to track them
+    out = run(["dvc", "repro", "prepare"], repo).stdout
+    assert ran(out) == {"prepare"}  # the example market is not upstream of a user's files
+    assert "prepare" not in status(repo, "prepare") and len(read_windows(repo / LABELED)) == 4
+
+    labels = raw / "labels.csv"
+    labels.write_text("".join(labels.read_text().splitlines(keepends=True)[:-1]))
+    assert "prepare" in status(repo, "prepare")
+    run(["dvc", "add", "data/raw/labels.csv"], repo)
+    assert ran(run(["dvc", "repro", "prepare"], repo).stdout) == {"prepare"}
+    assert list(read_windows(repo / LABELED).label) == [0, 1, 1]
+
+    before = read_windows(repo / LABELED).values[1].copy()  # the window from bar 200
+    edited = pd.read_csv(raw / "bars.csv")
+    edited.loc[250, "close"] = (edited.loc[250, "high"] + edited.loc[250, "low"]) / 2
+    edited.to_csv(raw / "bars.csv", index=False)
+    assert "prepare" in status(repo, "prepare")
+    assert ran(run(["dvc", "repro", "prepare"], repo).stdout) == {"prepare"}
+    assert not np.array_equal(read_windows(repo / LABELED).values[1], before)
+
+    set_param(repo, "data.stride", 7)
+    assert "prepare" in status(repo, "prepare")
+    assert ran(run(["dvc", "repro", "prepare"], repo).stdout) == {"prepare"}
+
+    with open(repo / "src/moola/windows.py", "a") as fh:
+        fh.write("\n# an edit\n")
+    assert "prepare" in status(repo, "prepare")
+    assert ran(run(["dvc", "repro", "prepare"], repo).stdout) == {"prepare"}
+    assert status(repo, "prepare") == {}
+
+
+@pytest.mark.integration
+def test_a_plumbing_edit_reruns_nothing(data_repo):
+    repo = data_repo
+    edits = {
+        "src/moola/errors.py": ('print("interrupted"', 'print("interrupted by the user"'),
+        "src/moola/io.py": ("never half of one.", "never a half-written one."),
+        "src/moola/validation.py": ("must be greater than 0", "must be above 0"),
+    }
+    assert set(edits) == set(PLUMBING)
+    for rel, (old, new) in edits.items():
+        text = (repo / rel).read_text()
+        assert old in text, rel
+        (repo / rel).write_text(text.replace(old, new))
+    assert status(repo, *DATA_STAGES) == {}
+    out = run(["dvc", "repro", "augment"], repo).stdout
+    assert ran(out) == set() and "didn't change, skipping" in out
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_an_edit_of_any_module_a_stage_imports_makes_status_name_it(reference_run, tmp_path):
+    """Over a pipeline whose every stage really ran (pipeline_runs.reference_run): touch each non-plumbing module
+    in turn; `dvc status` names every stage that imports it."""
+    repo = tmp_path / "repo"
+    shutil.copytree(reference_run.repo, repo, symlinks=True)
+    assert status(repo) == {}
+    modules = stage_modules(repo)
+    importers: dict[str, set[str]] = {}
+    for stage, files in modules.items():
+        for f in needed_deps(repo, files):
+            importers.setdefault(f, set()).add(stage)
+    assert len(importers) >= 12
+    for rel, stages in sorted(importers.items()):
+        path = repo / rel
+        original = path.read_bytes()
+        path.write_bytes(original + b"\n# an edit\n")
+        named = set(status(repo))
+        assert stages <= named, f"{rel} changed, but `dvc status` did not name {sorted(stages - named)}"
+        path.write_bytes(original)
+    assert status(repo) == {}
+    # And `dvc repro` really re-runs: an edit of the augmentation core re-runs the three recipes, nothing upstream.
+    with open(repo / "src/moola/augment.py", "a") as fh:
+        fh.write("\n# an edit\n")
+    out = run(["dvc", "repro", "augment"], repo).stdout
+    assert ran(out) == {"augment@warp12_x4", "augment@warp10_x3", "augment@warp15_x5"}
