@@ -264,8 +264,6 @@ EARLY_REFUSALS = {
     "example market too large": (lambda repo: set_params(repo, data={"stride": 100000}),
                                  "params.yaml: data.unlabeled_windows (11873) x data.stride (100000) ask the example "
                                  "market for 1,187,256,565 bars, more than the 4,000,000"),
-    "a single unlabeled window": (lambda repo: set_params(repo, data={"unlabeled_windows": 1}),
-                                  "example market (data.*): yields 1 unlabeled window(s) (1 train, 0 validation)"),
     "fewer labeled windows than folds": (lambda repo: set_params(repo, data={"labeled_windows": 3}),
                                          "finetune.folds (5) must not exceed data.labeled_windows (3)"),
 }
@@ -274,10 +272,11 @@ EARLY_REFUSALS = {
 @pytest.mark.parametrize("case", list(EARLY_REFUSALS))
 def test_what_would_fail_later_is_refused_by_prepare_in_seconds(plain_repo, case):
     edit, message = EARLY_REFUSALS[case]
+    stage(plain_repo, "example_market")  # with the good params: prepare's input files exist
     edit(plain_repo)
     proc = stage(plain_repo, "prepare", check=False)
     one_line_refusal(proc, message)
-    assert not (plain_repo / "data").exists()
+    assert not (plain_repo / "data/prepared").exists()
 
 
 def test_finetune_names_a_missing_class_not_zero_folds():
@@ -292,6 +291,7 @@ def test_finetune_names_a_missing_class_not_zero_folds():
 
 
 def test_flipped_bit_in_a_prepared_file_stops_augment(plain_repo):
+    stage(plain_repo, "example_market")
     stage(plain_repo, "prepare")
     path = plain_repo / OUTPUTS[0]
     data = bytearray(path.read_bytes())
@@ -304,6 +304,7 @@ def test_flipped_bit_in_a_prepared_file_stops_augment(plain_repo):
 
 
 def test_flipped_bit_in_an_augmented_array_stops_pretrain(plain_repo):
+    stage(plain_repo, "example_market")
     stage(plain_repo, "prepare")
     stage(plain_repo, "augment", "--recipe", "warp12_x4")
     path = plain_repo / "data/augmented/warp12_x4.npy"
@@ -348,6 +349,7 @@ DISK_FULL = {
 @pytest.mark.parametrize("case", list(DISK_FULL))
 def test_disk_full_is_one_line_and_leaves_nothing(plain_repo, case):
     args, folder, message = DISK_FULL[case]
+    stage(plain_repo, "example_market")
     if case != "prepare":
         stage(plain_repo, "prepare")
     if case == "pretrain":
@@ -367,5 +369,6 @@ def test_dvc_repro_stops_at_the_first_stage_for_an_experiment_dvc_yaml_does_not_
     assert proc.returncode != 0
     errors = [line for line in out.splitlines() if line.startswith("error: ")]
     assert errors == [errors[0]] and "params.yaml: experiments.exp6_wide has no pretrain stage in dvc.yaml" in errors[0]
-    assert "Running stage 'prepare'" in out and "Running stage 'augment" not in out and "Traceback" not in out
-    assert not (tiny_repo / "data/prepared/unlabeled_windows.parquet").exists()
+    # The first stage to run (example_market) loads params.yaml and stops there.
+    assert "Running stage 'example_market'" in out and "Running stage 'prepare'" not in out
+    assert "Traceback" not in out and not (tiny_repo / "data").exists()

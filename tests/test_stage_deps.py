@@ -282,22 +282,23 @@ def test_user_files_a_label_row_a_bar_a_param_and_a_module(tmp_path):
     bars = generate_market(3000, seed=11).bars
     stamps = bars["timestamp"]
     bars.to_csv(raw / "bars.csv", index=False)
-    pd.DataFrame({"start": [stamps[0], stamps[200], stamps[900], stamps[1500]],
-                  "label": ["consolidation", "retracement", "retracement", "consolidation"]}).to_csv(
+    pd.DataFrame({"start": [stamps[0], stamps[200], stamps[900], stamps[1500], stamps[2200]],
+                  "label": ["consolidation", "retracement", "retracement", "consolidation", "consolidation"]}).to_csv(
         raw / "labels.csv", index=False)
+    set_param(repo, "finetune.folds", 2)  # prepare refuses fewer windows of a class than folds
     set_param(repo, "data.bars", "data/raw/bars.csv")
     set_param(repo, "data.labels", "data/raw/labels.csv")
     run(["dvc", "add", "data/raw/bars.csv", "data/raw/labels.csv"], repo)  # README's way to track them
     out = run(["dvc", "repro", "prepare"], repo).stdout
     assert ran(out) == {"prepare"}  # the example market is not upstream of a user's files
-    assert "prepare" not in status(repo, "prepare") and len(read_windows(repo / LABELED)) == 4
+    assert "prepare" not in status(repo, "prepare") and len(read_windows(repo / LABELED)) == 5
 
     labels = raw / "labels.csv"
     labels.write_text("".join(labels.read_text().splitlines(keepends=True)[:-1]))
     assert "prepare" in status(repo, "prepare")
     run(["dvc", "add", "data/raw/labels.csv"], repo)
     assert ran(run(["dvc", "repro", "prepare"], repo).stdout) == {"prepare"}
-    assert list(read_windows(repo / LABELED).label) == [0, 1, 1]
+    assert list(read_windows(repo / LABELED).label) == [0, 1, 1, 0]
 
     before = read_windows(repo / LABELED).values[1].copy()  # the window from bar 200
     edited = pd.read_csv(raw / "bars.csv")
