@@ -495,7 +495,8 @@ def make_bench_repo(root: Path, dest: Path, windows_scale: float) -> Path:
             shutil.copy2(src, dest / name)
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["scale"] = {**params.get("scale", {}), "windows": windows_scale}
-    params.setdefault("data", {})["source"] = "example"
+    # The example market's files, whatever this workspace's params point prepare at.
+    params.setdefault("data", {}).update(bars="data/example/bars.parquet", labels="data/example/labels.csv")
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     git = ["git", "-c", "user.email=bench@moola.invalid", "-c", "user.name=moola bench"]
     for cmd in (["git", "init", "-q", "-b", "main"], None, [*git, "add", "-A"], [*git, "commit", "-q", "-m", "bench"]):
