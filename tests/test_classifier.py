@@ -9,6 +9,7 @@ from torch import nn
 from moola import io
 from moola.classifier import FORWARD_KEYS, SimpleLSTM, load_forward_weights
 from moola.errors import CheckpointError
+from moola.models import weights_sha256
 
 HIDDEN, HEADS, STEPS = 16, 4, 12
 
@@ -17,9 +18,11 @@ def encoder_checkpoint(hidden: int = HIDDEN, seed: int = 0) -> dict:
     """A checkpoint in the shared moola-encoder/1 format, around a real bidirectional nn.LSTM."""
     torch.manual_seed(seed)
     lstm = nn.LSTM(4, hidden, batch_first=True, bidirectional=True)
+    state_dict = {k: v.detach().clone() for k, v in lstm.state_dict().items()}
     return {
         "format": "moola-encoder/1",
-        "state_dict": {k: v.detach().clone() for k, v in lstm.state_dict().items()},
+        "state_dict": state_dict,
+        "weights_sha256": weights_sha256(state_dict),
         "hyperparams": {"input_size": 4, "hidden_size": hidden, "num_layers": 1, "bidirectional": True,
                         "experiment": "test"},
         "training": {"best_val_loss": 0.01, "best_epoch": 3, "epochs_run": 3},

@@ -850,9 +850,9 @@ def run_bench(argv: list[str] | None = None, root: Path = Path(".")) -> dict:
     began = time.perf_counter()
     if s.device.type == "cpu":
         torch.set_num_threads(s.threads)
-    # The spec's shapes and the example market whatever the workspace's scale and source (a tour sets them small).
-    p = dataclasses.replace(p, scale=ScaleParams(windows=s.windows_scale, epochs=1.0),
-                            data=dataclasses.replace(p.data, source="example"))
+    # The spec's shapes whatever the workspace's scale (a tour sets it small); bench_data generates the example
+    # market itself, whatever files data.bars and data.labels name.
+    p = dataclasses.replace(p, scale=ScaleParams(windows=s.windows_scale, epochs=1.0))
     report: dict = {
         "format": BENCH_FORMAT,
         "command": " ".join(["python -m moola.bench", *(argv if argv is not None else sys.argv[1:])]),
