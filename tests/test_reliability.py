@@ -16,6 +16,7 @@ import yaml
 
 from conftest import make_repo, run
 
+pytest_plugins = ["pipeline_runs"]
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 RESUME = Path(".moola/resume/pretrain/exp1_baseline.pt")
@@ -111,13 +112,13 @@ def flip_bit_in_weights(path: Path, key: str = "weight_hh_l0", at: int = 37) -> 
     path.write_bytes(bytes(data))
 
 
-def test_bit_rot_in_the_cached_selected_encoder_stops_dvc_repro_in_one_line(tmp_path):
-    from pipeline_runs import SMALL, lock_outputs, md5_of
+def test_bit_rot_in_the_cached_selected_encoder_stops_dvc_repro_in_one_line(reference_run, tmp_path):
+    from pipeline_runs import clone, copy_cache, lock_outputs, md5_of
 
-    repo = make_repo(tmp_path / "repo", SMALL)
-    run(["dvc", "repro", "finetune"], repo)
-    run(["git", "add", "-A"], repo)
-    run(["git", "commit", "-q", "-m", "results"], repo)
+    # The shared reference run, cloned with a copy of its cache: a machine that ran (or pulled) the pipeline.
+    repo = clone(reference_run.repo, tmp_path / "repo", reference_run.results_sha)
+    copy_cache(reference_run.repo, repo)
+    run(["dvc", "checkout"], repo)
     selected = "data/selected/encoder.pt"
     md5 = lock_outputs(repo)[selected]
     cached = repo / ".dvc/cache/files/md5" / md5[:2] / md5[2:]

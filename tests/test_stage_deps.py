@@ -195,10 +195,14 @@ DATA_OUTPUTS = {
     "prepare": [UNLABELED, LABELED],
     "augment@warp12_x4": ["data/augmented/warp12_x4.npy"],
 }
+# The three data stages' commands (what dvc.yaml runs), in one process: one start-up instead of three per param.
 STAGE_COMMANDS = [
-    ["python", "-m", "moola.stages.example_market"],
-    ["python", "-m", "moola.stages.prepare"],
-    ["python", "-m", "moola.stages.augment", "--recipe", "warp12_x4"],
+    ["python", "-c", "import sys\n"
+     "from moola.stages import augment, example_market, prepare\n"
+     "example_market.main()\n"
+     "prepare.main()\n"
+     "sys.argv = ['augment', '--recipe', 'warp12_x4']\n"
+     "augment.main()\n"],
 ]
 
 
@@ -235,8 +239,10 @@ def test_each_param_that_changes_a_data_stage_output_makes_status_name_the_stage
             assert first in named, f"params.yaml {dotted}: {first}'s output changed, but `dvc status` named {named}"
         decided[dotted] = sorted(changed)
         (repo / "params.yaml").write_text(original_params)
-        run(["dvc", "checkout", "--force", *DATA_STAGES], repo)
-        assert output_bytes(repo) == baseline and status(repo, *DATA_STAGES) == {}
+        for stage_name, paths in DATA_OUTPUTS.items():  # back to the recorded outputs (cheaper than dvc checkout)
+            for path, blob in zip(paths, baseline[stage_name]):
+                (repo / path).write_bytes(blob)
+    assert status(repo, *DATA_STAGES) == {}  # the restored workspace is what dvc.lock records
     # Non-vacuous: the perturbations really reach each stage's numbers.
     assert decided["seed"] == ["augment@warp12_x4", "example_market", "prepare"]
     assert decided["scale.windows"] == ["augment@warp12_x4", "prepare"]
