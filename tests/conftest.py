@@ -86,3 +86,15 @@ def tiny_repo(tmp_path: Path) -> Path:
 def session_repo(tmp_path_factory) -> Path:
     """One tiny repository shared by read-only integration checks (do not modify it in a test)."""
     return make_repo(tmp_path_factory.mktemp("shared") / "repo")
+
+
+def flip_bit_in_weights(path: Path, key: str = "weight_hh_l0", at: int = 37) -> None:
+    """Flip one bit inside an encoder checkpoint's stored tensor (what bit rot in a cache looks like)."""
+    import torch
+
+    weight = torch.load(path, weights_only=True)["state_dict"][key].numpy().tobytes()
+    data = bytearray(path.read_bytes())
+    offset = data.find(weight[:64])
+    assert offset > 0
+    data[offset + at] ^= 0x40
+    path.write_bytes(bytes(data))

@@ -7,6 +7,7 @@ import hashlib
 import pytest
 import torch
 
+from conftest import flip_bit_in_weights
 from moola.errors import CheckpointDamaged, CheckpointError
 from moola.masking import mask_patch
 from moola.models import (
@@ -161,16 +162,6 @@ def test_wrong_format(tmp_path):
     torch.save(make_encoder(hyperparams(8)).state_dict(), path)  # a bare state_dict
     with pytest.raises(CheckpointError, match="expected 'moola-encoder/1'"):
         load_encoder_checkpoint(path)
-
-
-def flip_bit_in_weights(path, key: str = "weight_hh_l0", at: int = 37) -> None:
-    """Flip one bit inside a stored tensor's bytes (what bit rot in a cache looks like)."""
-    weight = torch.load(path, weights_only=True)["state_dict"][key].numpy().tobytes()
-    data = bytearray(path.read_bytes())
-    offset = data.find(weight[:64])
-    assert offset > 0
-    data[offset + at] ^= 0x40
-    path.write_bytes(bytes(data))
 
 
 def test_a_flipped_bit_in_the_weights_is_refused_with_how_to_restore(tmp_path):

@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import make_repo, run
+from conftest import flip_bit_in_weights, make_repo, run
 
 pytest_plugins = ["pipeline_runs"]
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -101,15 +101,6 @@ def test_damaged_selected_encoder_stops_finetune_in_one_line(tmp_path, damage):
     assert "this must never run" not in proc.stdout + proc.stderr
     assert not (repo / "metrics/finetune.json").exists()
     assert not (repo / "data/finetune/oof_predictions.parquet").exists()
-
-
-def flip_bit_in_weights(path: Path, key: str = "weight_hh_l0", at: int = 37) -> None:
-    weight = torch.load(path, weights_only=True)["state_dict"][key].numpy().tobytes()
-    data = bytearray(path.read_bytes())
-    offset = data.find(weight[:64])
-    assert offset > 0
-    data[offset + at] ^= 0x40
-    path.write_bytes(bytes(data))
 
 
 def test_bit_rot_in_the_cached_selected_encoder_stops_dvc_repro_in_one_line(reference_run, tmp_path):
