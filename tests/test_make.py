@@ -19,8 +19,11 @@ pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="make is no
 
 
 def plan(repo: Path, target: str, *args: str) -> str:
-    proc = subprocess.run(["make", "-n", target, *args], cwd=repo, capture_output=True, text=True, check=True)
-    return proc.stdout
+    # Run as a top-level make, also when the suite itself runs under `make test` (CI): no inherited make flags.
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES", "ARGS")}
+    proc = subprocess.run(["make", "--no-print-directory", "-n", target, *args], cwd=repo, env=env,
+                          capture_output=True, text=True, check=True)
+    return "\n".join(line.rstrip() for line in proc.stdout.splitlines())
 
 
 @pytest.fixture
