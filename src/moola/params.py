@@ -46,9 +46,17 @@ class DataParams:
     # The files prepare reads (and dvc.yaml lists as its deps): the example_market stage's, or a user's own.
     bars: str = "data/example/bars.parquet"
     labels: str = "data/example/labels.csv"
+    # Held-out labeled windows (same format as labels.csv), read only by the evaluation stages. A file without
+    # rows (data/no_test_labels.csv) means no held-out set.
+    test_labels: str = "data/example/test_labels.csv"
     window: int = _f(105, positive=True)
     unlabeled_windows: int = _f(11873, positive=True)
+    # Fine-tuning uses the first labeled_windows rows of labels.csv (all of them if it has fewer).
     labeled_windows: int = _f(89, positive=True)
+    # The example market only: its labels.csv holds this many windows (the label-efficiency curve's pool; its first
+    # labeled_windows are the fine-tuning set) and its test_labels.csv test_windows more, from a later stretch.
+    label_pool: int = _f(500, positive=True)
+    test_windows: int = _f(2000, min=0)
     # Unlabeled windows start every `stride` bars; labeled windows never overlap each other.
     stride: int = _f(10, positive=True)
     val_fraction: float = _f(0.2, positive=True, max=0.5)

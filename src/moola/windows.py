@@ -26,6 +26,10 @@ PRICE_COLUMNS = list(FEATURES)
 # Where the prepare stage writes its windows (dvc.yaml names the same paths).
 UNLABELED = "data/prepared/unlabeled_windows.parquet"
 LABELED = "data/prepared/labeled_windows.parquet"
+# The whole labels.csv (the label-efficiency curve's pool; LABELED is its first data.labeled_windows rows) and the
+# held-out windows, which only the evaluation stages read.
+LABEL_POOL = "data/prepared/label_pool.parquet"
+TEST = "data/prepared/test_windows.parquet"
 
 
 @dataclass(frozen=True)
@@ -162,11 +166,11 @@ def read_labels(path: str | Path, timestamps: np.ndarray, window: int) -> tuple[
     return match_labels(read_label_table(path), timestamps, window, path)
 
 
-def read_label_table(path: str | Path) -> pd.DataFrame:
+def read_label_table(path: str | Path, key: str = "data.labels") -> pd.DataFrame:
     """labels.csv as read, unchecked (match_labels checks it against the bars)."""
     path = Path(path)
     if not path.exists():
-        raise DataError(f"{path}: not found (params.yaml data.labels names it; see README, 'Data format')")
+        raise DataError(f"{path}: not found (params.yaml {key} names it; see README, 'Data format')")
     try:
         return pd.read_csv(path)
     except Exception as exc:
@@ -214,6 +218,18 @@ def match_labels(
             f"(expected starts at least {window} bars apart, so that folds cannot leak)"
         )
     return starts_arr, np.asarray(classes, dtype=np.int64)
+
+
+def overlapping(starts: np.ndarray, others: np.ndarray, window: int) -> np.ndarray:
+    """Per start in `starts`: whether its window (window bars from it) shares a bar with any window in `others`."""
+    if len(others) == 0:
+        return np.zeros(len(starts), dtype=bool)
+    ordered = np.sort(others)
+    # The nearest other start at or after s, and the nearest before it: windows overlap when closer than `window`.
+    after = np.searchsorted(ordered, starts, side="left")
+    next_gap = np.where(after < len(ordered), ordered[np.minimum(after, len(ordered) - 1)] - starts, window)
+    prev_gap = np.where(after > 0, starts - ordered[np.maximum(after - 1, 0)], window)
+    return (next_gap < window) | (prev_gap < window)
 
 
 # --- file format ------------------------------------------------------------------------------------------------
