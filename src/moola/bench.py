@@ -394,9 +394,10 @@ def bench_data(p: Params, s: Settings) -> tuple[dict, dict]:
     n_windows = p.unlabeled_windows + d.labeled_windows
 
     def example_then_prepare():
-        bars, labels = example_data(p.seed, d.window, d.stride, d.unlabeled_windows, d.labeled_windows,
-                                    d.min_final_segment)
-        return bars, prepare(p, validate_bars(bars), labels)
+        bars, labels, _ = example_data(p.seed, d.window, d.stride, d.unlabeled_windows, d.labeled_windows,
+                                       d.min_final_segment)
+        out = prepare(p, validate_bars(bars), labels)
+        return bars, (out.unlabeled, out.labeled)
 
     prepare_runs, (bars, (unlabeled, labeled)) = timed(example_then_prepare, s.data_repeats)
     prices = bars[list(FEATURES)].to_numpy()

@@ -38,6 +38,44 @@ def _pct(x: float | None) -> str:
     return "   -  " if x is None else f"{100 * x:5.1f}%"
 
 
+def _ci(m: dict | None, points: bool = False) -> str:
+    """A metric with its 95% interval: '61.2% [59.1, 63.3]' (percent) or '0.212 [0.17, 0.25]'."""
+    if not m:
+        return "-"
+    if points:
+        return f"{100 * m['point']:5.1f}% [{100 * m['ci_low']:4.1f}, {100 * m['ci_high']:4.1f}]"
+    return f"{m['point']:6.3f} [{m['ci_low']:.2f}, {m['ci_high']:.2f}]"
+
+
+def heldout_lines(h: dict | None) -> list[str]:
+    """The held-out table: every model's ensemble prediction on windows no model trained on, with intervals."""
+    if not h:
+        return ["Held-out test set: (not run)"]
+    if not h.get("windows"):
+        return [f"Held-out test set: none - {h.get('note', 'no held-out set')}; only out-of-fold numbers below"]
+    counts = ", ".join(f"{n} {name}" for name, n in h["class_counts"].items())
+    lines = [
+        f"Held-out test set ({h['windows']} windows: {counts}; 95% bootstrap intervals; prediction = {h['prediction']})",
+        f"  {'model':<12} {'accuracy':>22} {'balanced':>22} {'recall c0':>22} {'recall c1':>22} {'MCC':>22}",
+    ]
+    for init in ("pretrained", "scratch", "logreg", "majority"):
+        m = h.get(init)
+        if not m:
+            continue
+        cells = [_ci(m.get(k), True) for k in ("accuracy", "balanced_accuracy", *(f"recall_{c}" for c in CLASS_NAMES))]
+        lines.append(f"  {init:<12} " + " ".join(f"{c:>22}" for c in cells) + f" {_ci(m.get('mcc')):>22}")
+    lift = h.get("lift")
+    if lift:
+        parts = [f"accuracy {100 * lift['accuracy']['point']:+.1f} points [{100 * lift['accuracy']['ci_low']:+.1f}, "
+                 f"{100 * lift['accuracy']['ci_high']:+.1f}]",
+                 f"balanced {100 * lift['balanced_accuracy']['point']:+.1f} [{100 * lift['balanced_accuracy']['ci_low']:+.1f}, "
+                 f"{100 * lift['balanced_accuracy']['ci_high']:+.1f}]",
+                 f"MCC {lift['mcc']['point']:+.3f} [{lift['mcc']['ci_low']:+.3f}, {lift['mcc']['ci_high']:+.3f}]"]
+        lines.append("  lift (pretrained - scratch): " + "; ".join(parts))
+        lines.append(f"  verdict: {lift['verdict']}")
+    return lines
+
+
 def report(root: Path = Path(".")) -> str:
     """The results as a plain-text table (pretraining, selection, fine-tuning, ablation)."""
     p = load_params(root / "params.yaml")
@@ -55,6 +93,7 @@ def report(root: Path = Path(".")) -> str:
     if chosen:
         lines.append(f"Selected encoder: {chosen.get('selected')}")
     ft = _load(root / "metrics/finetune.json")
+    lines += [""] + heldout_lines((ft or {}).get("heldout"))
     header = f"  {'model':<26} {'accuracy':>9} {'balanced':>9} {'recall c0':>10} {'recall c1':>10} {'MCC':>6}"
     lines += ["", "Fine-tuning, out of fold (mean over seeds; c0 consolidation, c1 retracement)", header]
 

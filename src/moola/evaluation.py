@@ -81,28 +81,84 @@ def success_criteria(summary: dict[str, dict[str, float]]) -> dict[str, bool]:
     return {**checks, "all_met": all(checks.values())}
 
 
-# --- paired bootstrap -----------------------------------------------------------------------------------------
+# --- bootstrap ------------------------------------------------------------------------------------------------
+# Every metric is computed from `counts` (resamples, n): how often each window was drawn. The point estimate is the
+# same function with counts of one, so a metric's value and its interval come from one implementation.
 
 
-def _accuracy_from_counts(counts: np.ndarray, correct: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """Accuracy of each resample; counts (resamples, n) = how often each window was drawn, correct (n,)."""
-    return counts @ correct / counts.sum(axis=1)
+def _accuracy_from_counts(counts: np.ndarray, predicted: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Accuracy of each resample; counts (resamples, n), predicted and labels (n,)."""
+    return counts @ (predicted == labels).astype(np.float64) / counts.sum(axis=1)
 
 
-def _balanced_accuracy_from_counts(counts: np.ndarray, correct: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    recalls = []
-    for cls in LABELS:
+def _recall_from_counts(cls: int) -> Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]:
+    def recall(counts: np.ndarray, predicted: np.ndarray, labels: np.ndarray) -> np.ndarray:
         member = (labels == cls).astype(np.float64)
         total = counts @ member
-        # A resample without a class has no recall for it: average over the classes it holds.
-        recalls.append(np.where(total > 0, counts @ (correct * member) / np.maximum(total, 1), np.nan))
-    return np.nanmean(np.stack(recalls), axis=0)
+        # A resample without the class has no recall for it (NaN; percentiles skip it).
+        return np.where(total > 0, counts @ (member * (predicted == cls)) / np.maximum(total, 1), np.nan)
+
+    return recall
+
+
+def _balanced_accuracy_from_counts(counts: np.ndarray, predicted: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    recalls = np.stack([_recall_from_counts(cls)(counts, predicted, labels) for cls in LABELS])
+    # A resample without a class: average over the classes it holds.
+    return np.nanmean(recalls, axis=0)
+
+
+def _mcc_from_counts(counts: np.ndarray, predicted: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Matthews correlation (multi-class form, as sklearn's) from the weighted confusion matrix of each resample;
+    0 where it is undefined (a resample with one class, or one predicted class), as sklearn returns."""
+    s = counts.sum(axis=1)
+    correct = counts @ (predicted == labels).astype(np.float64)
+    t = np.stack([counts @ (labels == k).astype(np.float64) for k in LABELS], axis=1)  # true class totals
+    p = np.stack([counts @ (predicted == k).astype(np.float64) for k in LABELS], axis=1)  # predicted totals
+    numerator = correct * s - np.sum(t * p, axis=1)
+    denominator = np.sqrt((s**2 - np.sum(p**2, axis=1)) * (s**2 - np.sum(t**2, axis=1)))
+    return np.where(denominator > 0, numerator / np.where(denominator > 0, denominator, 1.0), 0.0)
 
 
 BOOTSTRAP_METRICS: dict[str, Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]] = {
     "accuracy": _accuracy_from_counts,
     "balanced_accuracy": _balanced_accuracy_from_counts,
+    "mcc": _mcc_from_counts,
+    **{f"recall_{name}": _recall_from_counts(cls) for cls, name in enumerate(CLASS_NAMES)},
 }
+# The out-of-fold lift keeps the reference protocol's two metrics; the held-out lift adds MCC.
+OOF_LIFT_METRICS = ("accuracy", "balanced_accuracy")
+HELDOUT_LIFT_METRICS = ("accuracy", "balanced_accuracy", "mcc")
+
+
+def resample_counts(n: int, resamples: int, seed: int) -> np.ndarray:
+    """(resamples, n): how often each of n windows is drawn in each resample (with replacement). Seeded."""
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, n, size=(resamples, n))
+    counts = np.zeros((resamples, n), dtype=np.float64)
+    np.add.at(counts, (np.arange(resamples)[:, None], draws), 1.0)
+    return counts
+
+
+def _score(metric: str, weights: np.ndarray, predicted: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """The metric per row of `weights`, averaged over the rows of `predicted` (seeds, n)."""
+    score = BOOTSTRAP_METRICS[metric]
+    return np.mean([score(weights, row, labels) for row in np.atleast_2d(predicted)], axis=0)
+
+
+def _interval(point: float, samples: np.ndarray, confidence: float) -> dict[str, float]:
+    tail = (1.0 - confidence) / 2.0 * 100.0
+    low, high = np.nanpercentile(samples, [tail, 100.0 - tail])
+    return {"point": round(point, 6), "ci_low": round(float(low), 6), "ci_high": round(float(high), 6)}
+
+
+def bootstrap_interval(
+    labels: np.ndarray, predicted: np.ndarray, metric: str, counts: np.ndarray, confidence: float = 0.95
+) -> dict[str, float]:
+    """A metric of (seeds, n) or (n,) class predictions with its percentile-bootstrap interval over windows;
+    `counts` from resample_counts (share it between models to pair them)."""
+    labels = np.asarray(labels)
+    point = float(_score(metric, np.ones((1, len(labels))), predicted, labels)[0])
+    return _interval(point, _score(metric, counts, predicted, labels), confidence)
 
 
 def paired_bootstrap_lift(
@@ -113,6 +169,7 @@ def paired_bootstrap_lift(
     resamples: int,
     seed: int,
     confidence: float = 0.95,
+    counts: np.ndarray | None = None,
 ) -> dict[str, float | bool]:
     """Lift of A over B (metric of A - metric of B) with a percentile bootstrap CI, resampling windows.
 
@@ -121,32 +178,17 @@ def paired_bootstrap_lift(
     metric over seeds, so the interval reflects which windows happened to be labeled, not one lucky split.
     """
     labels = np.asarray(labels)
-    predicted_a = np.atleast_2d(predicted_a)
-    predicted_b = np.atleast_2d(predicted_b)
-    score = BOOTSTRAP_METRICS[metric]
-    n = labels.shape[0]
-    rng = np.random.default_rng(seed)
-    draws = rng.integers(0, n, size=(resamples, n))
-    counts = np.zeros((resamples, n), dtype=np.float64)
-    np.add.at(counts, (np.arange(resamples)[:, None], draws), 1.0)
-    everything = np.ones((1, n), dtype=np.float64)
+    if counts is None:
+        counts = resample_counts(labels.shape[0], resamples, seed)
+    everything = np.ones((1, labels.shape[0]), dtype=np.float64)
 
     def lift(weights: np.ndarray) -> np.ndarray:
-        a = np.mean([score(weights, (row == labels).astype(np.float64), labels) for row in predicted_a], axis=0)
-        b = np.mean([score(weights, (row == labels).astype(np.float64), labels) for row in predicted_b], axis=0)
-        return a - b
+        return _score(metric, weights, predicted_a, labels) - _score(metric, weights, predicted_b, labels)
 
-    point = float(lift(everything)[0])
-    samples = lift(counts)
-    tail = (1.0 - confidence) / 2.0 * 100.0
-    low, high = np.percentile(samples, [tail, 100.0 - tail])
-    return {
-        "point": round(point, 6),
-        "ci_low": round(float(low), 6),
-        "ci_high": round(float(high), 6),
-        # The interval contains 0: the data cannot tell the two apart.
-        "inside_noise": bool(low <= 0.0 <= high),
-    }
+    out: dict[str, float | bool] = dict(_interval(float(lift(everything)[0]), lift(counts), confidence))
+    # The interval contains 0: the data cannot tell the two apart.
+    out["inside_noise"] = bool(out["ci_low"] <= 0.0 <= out["ci_high"])
+    return out
 
 
 # --- reference rows -------------------------------------------------------------------------------------------

@@ -65,12 +65,26 @@ class FoldRun:
     proba: np.ndarray  # (n_test, classes) after the last epoch
     train_loss: list[float]  # per epoch: the (class-weighted) training objective
     val_loss: list[float]  # per epoch: plain cross-entropy on the held-out fold
+    heldout_proba: np.ndarray | None = None  # (n_heldout, classes): the trained model on the held-out set
+
+
+def predict_proba(model: SimpleLSTM, values: np.ndarray, device: torch.device, batch: int = 256) -> np.ndarray:
+    """Class probabilities of a trained model (eval mode, no gradients), in batches (attention is O(window^2))."""
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for lo in range(0, len(values), batch):
+            x = torch.tensor(np.array(values[lo : lo + batch], dtype=np.float32), device=device)  # a copy: may be read-only
+            out.append(torch.softmax(model(x).detach().cpu().double(), dim=1).numpy())
+    return np.concatenate(out) if out else np.zeros((0, len(CLASS_NAMES)))
 
 
 @dataclass
 class OofResult:
     predictions: pd.DataFrame  # window_id, fold, seed, init, p_<class>..., prediction, label
     curves: pd.DataFrame  # epoch, <init>_train_loss, <init>_val_loss (mean over seeds and folds)
+    # init -> (n_heldout, classes): the mean of every fold model's (all seeds') probabilities; empty without a set
+    heldout: dict[str, np.ndarray]
 
 
 def class_counts(labels: np.ndarray) -> dict[str, int]:
@@ -122,13 +136,15 @@ def train_fold(
     seed: int,
     device: torch.device | str = "cpu",
     on_epoch: Callable[[int, SimpleLSTM], None] | None = None,
+    x_heldout: np.ndarray | None = None,
 ) -> FoldRun:
     """Train SimpleLSTM on one fold and predict its held-out windows.
 
     With `encoder_state`, the LSTM starts from the encoder's forward direction, is frozen for
     cfg.freeze_epochs, then trains at cfg.encoder_learning_rate. Without it (the scratch baseline) the LSTM
     trains from epoch 1 at the base learning rate: freezing a random LSTM would only handicap the baseline.
-    The last epoch's model predicts the held-out fold (choosing an epoch by that fold's loss would leak it).
+    The last epoch's model predicts the held-out fold (choosing an epoch by that fold's loss would leak it), and,
+    once training is over, the windows of `x_heldout` (the held-out test set: it never touches training).
     """
     device = torch.device(device)
     torch.manual_seed(seed)
@@ -180,7 +196,8 @@ def train_fold(
     assert logits is not None
     # On the CPU first: mps has no float64.
     proba = torch.softmax(logits.detach().cpu().double(), dim=1).numpy()
-    return FoldRun(proba=proba, train_loss=train_losses, val_loss=val_losses)
+    heldout = None if x_heldout is None else predict_proba(model, x_heldout, device)
+    return FoldRun(proba=proba, train_loss=train_losses, val_loss=val_losses, heldout_proba=heldout)
 
 
 def _fold_seed(seed: int, fold: int) -> int:
@@ -199,12 +216,22 @@ def run_oof(
     encoder_state: Mapping[str, torch.Tensor] | None = None,
     device: torch.device | str = "cpu",
     log: Callable[[str], None] = print,
+    heldout_values: np.ndarray | None = None,
 ) -> OofResult:
-    """Out-of-fold predictions of every init in `inits` (pretrained, scratch, majority, logreg) for every seed."""
+    """Out-of-fold predictions of every init in `inits` (pretrained, scratch, majority, logreg) for every seed.
+
+    With `heldout_values`, every fold model (and every fold's reference fit) also predicts those windows after it
+    is trained; an init's held-out prediction is the mean of those probabilities over folds and seeds."""
     labels = np.asarray(labels, dtype=np.int64)
     if "pretrained" in inits and encoder_state is None:
         raise ValueError("the pretrained init needs an encoder_state")
     features = evaluation.window_features(values) if "logreg" in inits else None
+    use_heldout = heldout_values is not None and len(heldout_values) > 0
+    heldout_features = (
+        evaluation.window_features(heldout_values) if use_heldout and "logreg" in inits else None
+    )
+    heldout_sum: dict[str, np.ndarray] = {}
+    heldout_models: dict[str, int] = {}
     rows: list[pd.DataFrame] = []
     curves: dict[str, list[FoldRun]] = {init: [] for init in inits if init in NETWORK_INITS}
     for seed in seeds:
@@ -212,22 +239,37 @@ def run_oof(
         for init in inits:
             fold_accuracy = []
             for fold, (train, test) in enumerate(splits):
+                heldout_proba = None
                 if init in NETWORK_INITS:
                     run = train_fold(
                         values[train], labels[train], values[test], labels[test], cfg,
                         encoder_state if init == "pretrained" else None, _fold_seed(seed, fold), device,
+                        x_heldout=heldout_values if use_heldout else None,
                     )
                     curves[init].append(run)
-                    proba = run.proba
+                    proba, heldout_proba = run.proba, run.heldout_proba
                 elif init == "majority":
                     proba = evaluation.majority_proba(labels[train], len(test))
+                    if use_heldout:
+                        heldout_proba = evaluation.majority_proba(labels[train], len(heldout_values))
                 elif init == "logreg":
                     assert features is not None
-                    proba = evaluation.logreg_proba(
-                        features[train], labels[train], features[test], cfg.class_weighted
-                    )
+                    if use_heldout:
+                        # One fit per training fold predicts both its test fold and the held-out windows.
+                        both = evaluation.logreg_proba(
+                            features[train], labels[train], np.concatenate([features[test], heldout_features]),
+                            cfg.class_weighted,
+                        )
+                        proba, heldout_proba = both[: len(test)], both[len(test) :]
+                    else:
+                        proba = evaluation.logreg_proba(
+                            features[train], labels[train], features[test], cfg.class_weighted
+                        )
                 else:
                     raise ValueError(f"unknown init {init!r}")
+                if heldout_proba is not None:
+                    heldout_sum[init] = heldout_sum.get(init, 0.0) + heldout_proba
+                    heldout_models[init] = heldout_models.get(init, 0) + 1
                 predicted = proba.argmax(axis=1)
                 fold_accuracy.append(float(np.mean(predicted == labels[test])))
                 frame = pd.DataFrame(
@@ -254,7 +296,8 @@ def run_oof(
         .drop(columns="_order")
         .reset_index(drop=True)
     )
-    return OofResult(predictions=predictions, curves=mean_curves(curves, cfg.epochs))
+    heldout = {init: heldout_sum[init] / heldout_models[init] for init in heldout_sum}
+    return OofResult(predictions=predictions, curves=mean_curves(curves, cfg.epochs), heldout=heldout)
 
 
 def mean_curves(runs: Mapping[str, Sequence[FoldRun]], epochs: int) -> pd.DataFrame:
@@ -293,10 +336,10 @@ def lift_report(predictions: pd.DataFrame, resamples: int, seed: int) -> dict:
     labels_b, scratch = _predictions_matrix(predictions, "scratch")
     assert np.array_equal(labels, labels_b)
     report: dict = {}
-    for metric in evaluation.BOOTSTRAP_METRICS:
+    for metric in evaluation.OOF_LIFT_METRICS:
         report[metric] = evaluation.paired_bootstrap_lift(labels, pretrained, scratch, metric, resamples, seed)
     n = len(labels)
-    noisy = [m for m in evaluation.BOOTSTRAP_METRICS if report[m]["inside_noise"]]
+    noisy = [m for m in evaluation.OOF_LIFT_METRICS if report[m]["inside_noise"]]
     report["resamples"] = resamples
     report["verdict"] = (
         f"inside the noise ({', '.join(noisy)}: the 95% interval contains 0)" if noisy
@@ -307,3 +350,42 @@ def lift_report(predictions: pd.DataFrame, resamples: int, seed: int) -> dict:
 
 def summary_report(predictions: pd.DataFrame, inits: Sequence[str]) -> dict[str, dict]:
     return {init: evaluation.summarise(metrics_per_seed(predictions, init)) for init in inits}
+
+
+def heldout_report(
+    labels: np.ndarray, proba: Mapping[str, np.ndarray], resamples: int, seed: int, models: int
+) -> dict:
+    """Held-out metrics of every init's ensemble prediction, each with a 95% percentile-bootstrap interval over
+    the held-out windows, and the paired lift pretrained - scratch (the same resamples score every init)."""
+    labels = np.asarray(labels, dtype=np.int64)
+    counts = evaluation.resample_counts(len(labels), resamples, seed)
+    predicted = {init: np.asarray(p).argmax(axis=1) for init, p in proba.items()}
+    report: dict = {
+        "windows": int(len(labels)),
+        "class_counts": class_counts(labels),
+        "prediction": f"mean of the probabilities of all {models} fold models (every fold of every seed)",
+        "resamples": resamples,
+    }
+    for init, pred in predicted.items():
+        report[init] = {
+            metric: evaluation.bootstrap_interval(labels, pred, metric, counts)
+            for metric in evaluation.BOOTSTRAP_METRICS
+        }
+    if "pretrained" in predicted and "scratch" in predicted:
+        lift = {
+            metric: evaluation.paired_bootstrap_lift(
+                labels, predicted["pretrained"], predicted["scratch"], metric, resamples, seed, counts=counts
+            )
+            for metric in evaluation.HELDOUT_LIFT_METRICS
+        }
+        noisy = [m for m in evaluation.HELDOUT_LIFT_METRICS if lift[m]["inside_noise"]]
+        outside = [m for m in evaluation.HELDOUT_LIFT_METRICS if not lift[m]["inside_noise"]]
+        if not noisy:
+            verdict = "outside the noise (every 95% interval excludes 0)"
+        elif not outside:
+            verdict = "inside the noise (every 95% interval contains 0)"
+        else:
+            verdict = f"mixed: outside the noise for {', '.join(outside)}; inside for {', '.join(noisy)}"
+        lift["verdict"] = verdict + f"; one window of {len(labels)} is {100 / len(labels):.2f} points"
+        report["lift"] = lift
+    return report

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from moola.errors import DataError
-from moola.params import EXAMPLE_MAX_BARS
+from moola.params import EXAMPLE_GAP_BARS, EXAMPLE_MAX_BARS, example_bar_counts
 
 IMPULSE, CONSOLIDATION, RETRACEMENT = 0, 1, 2
 REGIME_NAMES = {IMPULSE: "impulse", CONSOLIDATION: "consolidation", RETRACEMENT: "retracement"}
@@ -40,9 +40,7 @@ RETRACEMENT_GIVEBACK = (0.2, 0.65)  # fraction of the previous impulse's move
 P_RETRACEMENT = 0.45  # after an impulse; otherwise a consolidation
 P_CONTINUATION = 0.5  # a new impulse goes the previous impulse's way
 
-# The example files: bars between the unlabeled stretch and the labeled one (a trading week), and the names that
-# labels.csv gives pick_labeled_ends' labels 0 and 1.
-EXAMPLE_GAP_BARS = 5 * BARS_PER_DAY
+# The names that labels.csv gives pick_labeled_ends' labels 0 and 1 (the example files' gaps: EXAMPLE_GAP_BARS).
 LABEL_NAMES = (REGIME_NAMES[CONSOLIDATION], REGIME_NAMES[RETRACEMENT])
 
 
@@ -101,17 +99,25 @@ def _regime_path(n_bars: int, rng: np.random.Generator):
     return regime, seg_start, seg_end, strength, lean
 
 
-def generate_market(n_bars: int, seed: int, start_price: float = 100.0) -> Market:
-    """Generate `n_bars` bars. Pure: the same (n_bars, seed) always gives the same market."""
+def generate_market(
+    n_bars: int, seed: int, start_price: float = 100.0, stream: int = 0, first_bar_of_day: int = 0
+) -> Market:
+    """Generate `n_bars` bars. Pure: the same arguments always give the same market.
+
+    `stream` > 0 draws an independent market (a continuation: see `extend_market`); `first_bar_of_day` is the
+    session bar (0..77) that the first bar falls on, so that a continuation keeps the intraday pattern."""
     if n_bars > EXAMPLE_MAX_BARS:  # params.py refuses such params at load; this guards every other caller
         raise DataError(
             f"example market: {n_bars:,} bars requested, more than the {EXAMPLE_MAX_BARS:,} it generates in memory"
         )
-    rng = np.random.default_rng([seed, 0x6D6F6F6C61])  # "moola"
+    # Stream 0 keeps the key the example market has always had, so its bars do not change.
+    key = [seed, 0x6D6F6F6C61] if stream == 0 else [seed, 0x6D6F6F6C61, stream]  # "moola"
+    rng = np.random.default_rng(key)
     regime, seg_start, seg_end, strength, lean = _regime_path(n_bars, rng)
     shocks = rng.standard_t(STUDENT_T_DOF, n_bars) / np.sqrt(STUDENT_T_DOF / (STUDENT_T_DOF - 2.0))
-    intraday = np.tile(_intraday_shape(), -(-n_bars // BARS_PER_DAY))[:n_bars]
-    new_day = (np.arange(n_bars) % BARS_PER_DAY) == 0
+    phase = first_bar_of_day
+    intraday = np.tile(_intraday_shape(), -(-(n_bars + phase) // BARS_PER_DAY))[phase : phase + n_bars]
+    new_day = ((np.arange(n_bars) + phase) % BARS_PER_DAY) == 0
     gaps = rng.normal(0.0, OVERNIGHT_GAP_SD, n_bars) * new_day
     wick_up = np.abs(rng.normal(0.0, 0.6, n_bars))
     wick_down = np.abs(rng.normal(0.0, 0.6, n_bars))
@@ -161,13 +167,34 @@ def generate_market(n_bars: int, seed: int, start_price: float = 100.0) -> Marke
     return Market(bars=bars, regime=regime, segment_start=seg_start)
 
 
+def extend_market(market: Market, n_more: int, seed: int) -> Market:
+    """`market` followed by `n_more` bars of an independent stream that starts at its last close.
+
+    Generating a longer market from scratch would redraw every bar (the regime chain consumes a data-dependent
+    number of draws before the shocks are drawn), so a continuation keeps the first bars exactly as they were."""
+    n_before = len(market.bars)
+    last_close = float(market.bars["close"].iloc[-1])
+    more = generate_market(n_more, seed, start_price=last_close, stream=1, first_bar_of_day=n_before % BARS_PER_DAY)
+    stamps = session_timestamps(n_before + n_more)
+    bars = pd.concat([market.bars, more.bars.assign(timestamp=stamps[n_before:])], ignore_index=True)
+    return Market(
+        bars=bars,
+        regime=np.concatenate([market.regime, more.regime]),
+        segment_start=np.concatenate([market.segment_start, more.segment_start + n_before]),
+    )
+
+
+LABEL_KEY, TEST_KEY = 0x6C6162656C, 0x74657374  # "label", "test"
+
+
 def pick_labeled_ends(
-    market: Market, first_bar: int, n_windows: int, window: int, min_final_segment: int, seed: int
+    market: Market, first_bar: int, n_windows: int, window: int, min_final_segment: int, seed: int,
+    key: int = LABEL_KEY,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Choose `n_windows` non-overlapping windows from `first_bar` on, each ending inside a consolidation or a
     retracement with at least `min_final_segment` of its bars visible. The end is drawn uniformly within the
     segment, so the model cannot rely on where the segment starts. Returns (start indices, labels 0/1)."""
-    rng = np.random.default_rng([seed, 0x6C6162656C])  # "label"
+    rng = np.random.default_rng([seed, key])
     regime, seg_start = market.regime, market.segment_start
     n = len(regime)
     starts, labels = [], []
@@ -190,25 +217,48 @@ def pick_labeled_ends(
 
 
 def example_data(
-    seed: int, window: int, stride: int, unlabeled_windows: int, labeled_windows: int, min_final_segment: int
-) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The example market as a user would supply their own: (bars, labels).
+    seed: int,
+    window: int,
+    stride: int,
+    unlabeled_windows: int,
+    labeled_windows: int,
+    min_final_segment: int,
+    label_pool: int = 0,
+    test_windows: int = 0,
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """The example market as a user would supply their own: (bars, labels, test labels).
 
-    bars: timestamp, open, high, low, close, volume. labels: start (timestamp of a window's first bar), label
-    (consolidation | retracement). The market has the spec's length whatever the scale: its first
+    bars: timestamp, open, high, low, close, volume. labels and test labels: start (timestamp of a window's first
+    bar), label (consolidation | retracement). The market has the spec's length whatever the scale: its first
     `(unlabeled_windows - 1) * stride + window` bars hold the unlabeled windows (prepare takes the first ones), and
     the labeled windows come from a later stretch, a trading week after it, so they never overlap an unlabeled one.
+    labels holds max(labeled_windows, label_pool) windows in time order: its first `labeled_windows` are the
+    fine-tuning set, the rest extend the pool of the label-efficiency curve. The test windows come from a stretch
+    a trading week after the pool's last window, picked the same way with their own random stream.
+
+    The first bars and the first `labeled_windows` labeled windows do not depend on label_pool or test_windows:
+    the extra bars are a continuation (`extend_market`) appended after the market this function has always made.
     """
     spec_bars = (unlabeled_windows - 1) * stride + window
-    # Generous room for the labeled windows: consolidations and retracements are about half of all bars.
-    n_bars = spec_bars + EXAMPLE_GAP_BARS + 6 * labeled_windows * window
+    n_bars, n_more = example_bar_counts(window, stride, unlabeled_windows, labeled_windows, label_pool, test_windows)
     market = generate_market(n_bars, seed)
+    pool = max(label_pool, labeled_windows)
+    if n_more > 0:
+        market = extend_market(market, n_more, seed)
     starts, labels = pick_labeled_ends(
-        market, spec_bars + EXAMPLE_GAP_BARS, labeled_windows, window, min_final_segment, seed
+        market, spec_bars + EXAMPLE_GAP_BARS, pool, window, min_final_segment, seed
     )
-    if len(starts) < labeled_windows:
-        raise DataError(f"example market: found only {len(starts)} of data.labeled_windows={labeled_windows}")
-    label_table = pd.DataFrame(
-        {"start": market.bars["timestamp"].to_numpy()[starts], "label": [LABEL_NAMES[i] for i in labels]}
-    )
-    return market.bars, label_table
+    if len(starts) < pool:
+        raise DataError(f"example market: found only {len(starts)} of {pool} labeled windows")
+    stamps = market.bars["timestamp"].to_numpy()
+    label_table = pd.DataFrame({"start": stamps[starts], "label": [LABEL_NAMES[i] for i in labels]})
+    test_table = pd.DataFrame({"start": np.array([], dtype=stamps.dtype), "label": []})
+    if test_windows > 0:
+        first_test_bar = int(starts[-1]) + window + EXAMPLE_GAP_BARS
+        test_starts, test_labels = pick_labeled_ends(
+            market, first_test_bar, test_windows, window, min_final_segment, seed, key=TEST_KEY
+        )
+        if len(test_starts) < test_windows:
+            raise DataError(f"example market: found only {len(test_starts)} of data.test_windows={test_windows}")
+        test_table = pd.DataFrame({"start": stamps[test_starts], "label": [LABEL_NAMES[i] for i in test_labels]})
+    return market.bars, label_table, test_table

@@ -23,6 +23,8 @@ CLASS_NAMES = ("consolidation", "retracement")
 # The example market is generated in memory, ~220 bytes a bar at its peak (measured: 1M bars, ~0.3 GB with
 # Python): 4M bars stay near 1 GB. The spec (data.* defaults) needs 175,285.
 EXAMPLE_MAX_BARS = 4_000_000
+# Bars between the example market's stretches (unlabeled, labeled pool, held-out): a trading week of 78-bar days.
+EXAMPLE_GAP_BARS = 5 * 78
 
 
 def _check(**rules: Any) -> dict:
@@ -50,9 +52,17 @@ class DataParams:
     # The files prepare reads (and dvc.yaml lists as its deps): the example_market stage's, or a user's own.
     bars: str = "data/example/bars.parquet"
     labels: str = "data/example/labels.csv"
+    # Held-out labeled windows (same format as labels.csv), read only by the evaluation stages. A file without
+    # rows (data/no_test_labels.csv) means no held-out set.
+    test_labels: str = "data/example/test_labels.csv"
     window: int = _f(105, positive=True)
     unlabeled_windows: int = _f(11873, positive=True)
+    # Fine-tuning uses the first labeled_windows rows of labels.csv (all of them if it has fewer).
     labeled_windows: int = _f(89, positive=True)
+    # The example market only: its labels.csv holds this many windows (the label-efficiency curve's pool; its first
+    # labeled_windows are the fine-tuning set) and its test_labels.csv test_windows more, from a later stretch.
+    label_pool: int = _f(500, positive=True)
+    test_windows: int = _f(2000, min=0)
     # Unlabeled windows start every `stride` bars; labeled windows never overlap each other.
     stride: int = _f(10, positive=True)
     val_fraction: float = _f(0.2, positive=True, max=0.5)
@@ -270,10 +280,25 @@ def parse_params(raw: Any) -> Params:
     return params
 
 
+def example_bar_counts(
+    window: int, stride: int, unlabeled_windows: int, labeled_windows: int, label_pool: int, test_windows: int
+) -> tuple[int, int]:
+    """Bars the example market generates: (first market, continuation). market.example_data sizes it with this.
+
+    The first market holds the spec's unlabeled stretch, a trading week's gap, then room for the labeled windows
+    (consolidations and retracements are about half of all bars: 6 windows' length each is generous). The
+    continuation (none if 0) holds a gap and room for the rest of the label pool and the held-out windows: about
+    136 bars per labeled window are used at the spec's settings, so 3 windows' length is ample."""
+    first = (unlabeled_windows - 1) * stride + window + EXAMPLE_GAP_BARS + 6 * labeled_windows * window
+    extra_windows = max(label_pool, labeled_windows) - labeled_windows + test_windows
+    continuation = EXAMPLE_GAP_BARS + 3 * extra_windows * window if extra_windows > 0 else 0
+    return first, continuation
+
+
 def example_market_bars(d: DataParams) -> int:
-    """Bars the example market generates for `d` (as market.example_data sizes it): the spec's
-    unlabeled stretch, a trading week's gap (5 x 78 bars), then room for the labeled windows."""
-    return (d.unlabeled_windows - 1) * d.stride + d.window + 5 * 78 + 6 * d.labeled_windows * d.window
+    """Bars in the example market for `d`, all parts together."""
+    return sum(example_bar_counts(d.window, d.stride, d.unlabeled_windows, d.labeled_windows, d.label_pool,
+                                  d.test_windows))
 
 
 def _cross_checks(p: Params) -> None:

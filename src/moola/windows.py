@@ -32,6 +32,10 @@ PRICE_COLUMNS = list(FEATURES)
 # Where the prepare stage writes its windows (dvc.yaml names the same paths).
 UNLABELED = "data/prepared/unlabeled_windows.parquet"
 LABELED = "data/prepared/labeled_windows.parquet"
+# The whole labels.csv (the label-efficiency curve's pool; LABELED is its first data.labeled_windows rows) and the
+# held-out windows, which only the evaluation stages read.
+LABEL_POOL = "data/prepared/label_pool.parquet"
+TEST = "data/prepared/test_windows.parquet"
 
 
 @dataclass(frozen=True)
@@ -235,11 +239,11 @@ def read_labels(
     return match_labels(read_label_table(path), timestamps, window, path, bars_with_offset)
 
 
-def read_label_table(path: str | Path) -> pd.DataFrame:
+def read_label_table(path: str | Path, key: str = "data.labels") -> pd.DataFrame:
     """labels.csv as read, unchecked (match_labels checks it against the bars)."""
     path = Path(path)
     if not path.exists():
-        raise DataError(f"{path}: not found (params.yaml data.labels names it; see README, 'Data format')")
+        raise DataError(f"{path}: not found (params.yaml {key} names it; see README, 'Data format')")
     try:
         return pd.read_csv(path)
     except Exception as exc:
@@ -332,6 +336,18 @@ def check_pipeline_can_finish(
             f"folds need every class in every fold); label more windows or set finetune.folds in params.yaml to at "
             f"most {int(counts.min())}"
         )
+
+
+def overlapping(starts: np.ndarray, others: np.ndarray, window: int) -> np.ndarray:
+    """Per start in `starts`: whether its window (window bars from it) shares a bar with any window in `others`."""
+    if len(others) == 0:
+        return np.zeros(len(starts), dtype=bool)
+    ordered = np.sort(others)
+    # The nearest other start at or after s, and the nearest before it: windows overlap when closer than `window`.
+    after = np.searchsorted(ordered, starts, side="left")
+    next_gap = np.where(after < len(ordered), ordered[np.minimum(after, len(ordered) - 1)] - starts, window)
+    prev_gap = np.where(after > 0, starts - ordered[np.maximum(after - 1, 0)], window)
+    return (next_gap < window) | (prev_gap < window)
 
 
 # --- file format ------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Stage example_market: the built-in seeded market -> data/example/bars.parquet and data/example/labels.csv.
+"""Stage example_market: the built-in seeded market -> data/example/bars.parquet, labels.csv and test_labels.csv.
 
 The files have the format of a user's own (README, "Data format"), so that prepare reads either the same way:
 params.yaml's data.bars and data.labels point at these by default.
@@ -14,13 +14,15 @@ from moola.params import load_params
 
 BARS = "data/example/bars.parquet"
 LABELS = "data/example/labels.csv"
+TEST_LABELS = "data/example/test_labels.csv"
 
 
 def main() -> None:
     p = load_params()
     d = p.data
-    bars, labels = market.example_data(
-        p.seed, d.window, d.stride, d.unlabeled_windows, d.labeled_windows, d.min_final_segment
+    bars, labels, test_labels = market.example_data(
+        p.seed, d.window, d.stride, d.unlabeled_windows, d.labeled_windows, d.min_final_segment,
+        d.label_pool, d.test_windows,
     )
     # An explicit schema and no pandas metadata: the file's bytes do not depend on the pandas version.
     schema = pa.schema(
@@ -30,7 +32,12 @@ def main() -> None:
     table = pa.Table.from_pandas(bars, schema=schema, preserve_index=False).replace_schema_metadata(None)
     io.write_parquet(BARS, table)
     io.write_text(LABELS, labels.to_csv(index=False))
-    print(f"Example market: {len(bars):,} bars -> {BARS}, {len(labels)} labeled windows -> {LABELS}", flush=True)
+    io.write_text(TEST_LABELS, test_labels.to_csv(index=False))
+    print(
+        f"Example market: {len(bars):,} bars -> {BARS}, {len(labels)} labeled windows -> {LABELS}, "
+        f"{len(test_labels)} held-out windows (a later stretch) -> {TEST_LABELS}",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -23,6 +23,8 @@ from moola.params import CLASS_NAMES, PARAMS_FILE, Params, load_params
 from moola.windows import read_windows
 
 LABELED = Path("data/prepared/labeled_windows.parquet")
+# Read only here (the evaluation) and only after training: see finetuning.run_oof.
+TEST = Path("data/prepared/test_windows.parquet")
 SELECTED_ENCODER = Path("data/selected/encoder.pt")
 OOF_PREDICTIONS = Path("data/finetune/oof_predictions.parquet")
 FINETUNE_METRICS = Path("metrics/finetune.json")
@@ -71,6 +73,10 @@ def run(p: Params, encoder: Path, ablation: str | None) -> None:
     checkpoint = load_encoder_checkpoint(encoder, expect_hidden=ft.hidden_size)
     cfg = finetuning.FinetuneConfig.from_params(p)
     inits = ("pretrained",) if ablation else ALL_INITS
+    # The ablation compares encoders, which is a choice: it gets no held-out numbers, so no choice can use them.
+    test = None if ablation else read_windows(TEST)
+    if test is not None and len(test) and test.label is None:
+        raise DataError(f"{TEST}: column 'label' missing (expected the held-out windows file)")
     print(
         f"encoder {encoder} ({checkpoint.hyperparams.get('experiment', 'unnamed')}); {ft.folds} folds x "
         f"seeds {ft.seeds}; {cfg.epochs} epochs ({cfg.freeze_epochs} frozen); inits {', '.join(inits)}; "
@@ -81,6 +87,7 @@ def run(p: Params, encoder: Path, ablation: str | None) -> None:
         result = finetuning.run_oof(
             labeled.values, labeled.label, labeled.window_id, cfg, ft.seeds, ft.folds, inits,
             encoder_state=checkpoint.state_dict, device=device,
+            heldout_values=test.values if test is not None and len(test) else None,
         )
     summary = finetuning.summary_report(result.predictions, inits)
     common = {"windows": len(labeled), "class_counts": counts, "folds": ft.folds, "seeds": list(ft.seeds),
@@ -97,7 +104,19 @@ def run(p: Params, encoder: Path, ablation: str | None) -> None:
         print(f"wrote {ablation_metrics_path(ablation)}", flush=True)
         return
     lift = finetuning.lift_report(result.predictions, ft.bootstrap, p.seed)
+    if result.heldout:
+        assert test is not None
+        heldout = finetuning.heldout_report(
+            test.label, result.heldout, ft.bootstrap, p.seed, models=ft.folds * len(ft.seeds)
+        )
+        hl = heldout["lift"]["accuracy"]
+        print(f"held-out ({len(test)} windows) lift (pretrained - scratch): accuracy {hl['point']:+.3f} "
+              f"[{hl['ci_low']:+.3f}, {hl['ci_high']:+.3f}]; {heldout['lift']['verdict']}", flush=True)
+    else:
+        heldout = {"windows": 0, "note": f"no held-out set ({p.data.test_labels} has no rows)"}
+        print(heldout["note"], flush=True)
     report = {
+        "heldout": heldout,
         **summary,
         "lift": lift,
         "criteria": success_criteria(summary["pretrained"]),

@@ -1,0 +1,153 @@
+"""The held-out test set: disjoint in time from every training window, read only by the evaluation stages, and
+reported with intervals. The pipeline checks read the shared reference run (tests/pipeline_runs.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from conftest import ROOT
+
+from moola import evaluation, market
+from moola.errors import DataError
+from moola.params import parse_params
+from moola.stages.prepare import prepare
+from moola.windows import overlapping, read_windows, validate_bars
+
+pytest_plugins = ["pipeline_runs"]
+
+# The only stages that may read the held-out windows: they evaluate, after training.
+EVALUATION_STAGES = {"finetune", "label_curve"}
+TEST_FILE = "data/prepared/test_windows.parquet"
+
+
+def bar_index(bars: pd.DataFrame, starts: np.ndarray) -> np.ndarray:
+    return np.searchsorted(bars["timestamp"].to_numpy(), np.asarray(starts, dtype="datetime64[ns]"))
+
+
+def test_example_market_keeps_its_first_bars_and_labeled_windows():
+    """The pool and the test set are a continuation: the bars and the 89 labeled windows are what they were."""
+    args = (1337, 105, 10, 2000, 89, 15)
+    bars, labels, test = market.example_data(*args)
+    bars_x, labels_x, test_x = market.example_data(*args, label_pool=300, test_windows=400)
+    assert len(test) == 0 and len(test_x) == 400 and len(labels_x) == 300
+    pd.testing.assert_frame_equal(bars_x.iloc[: len(bars)], bars)
+    pd.testing.assert_frame_equal(labels_x.iloc[:89], labels)
+
+
+def test_reference_run_heldout_windows_overlap_no_training_window(reference_run):
+    repo = reference_run.repo
+    bars = pd.read_parquet(repo / "data/example/bars.parquet")
+    unlabeled, pool, test = (read_windows(repo / f"data/prepared/{name}.parquet")
+                             for name in ("unlabeled_windows", "label_pool", "test_windows"))
+    window = unlabeled.values.shape[1]
+    assert len(test) == 2000 and len(pool) == 500
+    test_at = bar_index(bars, test.start)
+    for training in (unlabeled, pool):
+        assert not overlapping(test_at, bar_index(bars, training.start), window).any()
+    # Later in time than every training window, with a trading week between.
+    assert test_at.min() >= bar_index(bars, pool.start).max() + window + market.EXAMPLE_GAP_BARS
+    labeled = read_windows(repo / "data/prepared/labeled_windows.parquet")
+    assert np.array_equal(labeled.start, pool.start[:89]) and np.array_equal(labeled.label, pool.label[:89])
+
+
+def test_only_evaluation_stages_depend_on_the_heldout_windows(reference_run):
+    lock = yaml.safe_load((reference_run.repo / "dvc.lock").read_text())["stages"]
+    readers = {name for name, stage in lock.items() if any(d["path"] == TEST_FILE for d in stage.get("deps", []))}
+    assert readers == EVALUATION_STAGES & set(lock)
+    assert "finetune" in readers
+    # The raw held-out labels reach the pipeline only through prepare.
+    raw = {name for name, stage in lock.items()
+           if any(d["path"] == "data/example/test_labels.csv" for d in stage.get("deps", []))}
+    assert raw == {"prepare"}
+    # dvc.yaml says the same before resolution (foreach stages included).
+    declared = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    for name, stage in declared.items():
+        deps = (stage.get("do") or stage).get("deps", [])
+        assert (TEST_FILE in deps) == (name in EVALUATION_STAGES), name
+
+
+def _check_interval(m: dict) -> None:
+    assert set(m) == {"point", "ci_low", "ci_high"}
+    assert m["ci_low"] <= m["point"] <= m["ci_high"]
+
+
+def test_reference_run_heldout_section_is_well_formed(reference_run):
+    report = json.loads((reference_run.repo / "metrics/finetune.json").read_text())
+    heldout = report["heldout"]
+    assert heldout["windows"] == 2000 and sum(heldout["class_counts"].values()) == 2000
+    for init in ("pretrained", "scratch", "logreg", "majority"):
+        assert set(heldout[init]) == set(evaluation.BOOTSTRAP_METRICS)
+        for metric in heldout[init].values():
+            _check_interval(metric)
+    for metric in evaluation.HELDOUT_LIFT_METRICS:
+        lift = heldout["lift"][metric]
+        assert lift["inside_noise"] == (lift["ci_low"] <= 0 <= lift["ci_high"])
+    assert heldout["lift"]["verdict"]
+    # With 2000 windows the accuracy interval is a few points wide, not the out-of-fold +-12.
+    acc = heldout["pretrained"]["accuracy"]
+    assert acc["ci_high"] - acc["ci_low"] < 0.1
+    # The out-of-fold section is still there.
+    assert "accuracy" in report["lift"] and "mean" in report["pretrained"]["accuracy"]
+
+
+@pytest.fixture(scope="module")
+def small_market():
+    bars, labels, test = market.example_data(1337, 105, 10, 300, 40, 15, label_pool=40, test_windows=30)
+    return validate_bars(bars), labels, test
+
+
+def _params(labels="user/labels.csv", test_labels="user/test_labels.csv"):
+    return parse_params({**yaml.safe_load((ROOT / "params.yaml").read_text()),
+                         "data": {"labels": labels, "test_labels": test_labels, "unlabeled_windows": 300,
+                                  "labeled_windows": 40}})
+
+
+def test_user_test_labels_overlapping_labels_are_refused_in_one_line(small_market):
+    bars, labels, _ = small_market
+    shifted = labels.iloc[[3]].copy()
+    shifted["start"] = bars["timestamp"].to_numpy()[bar_index(bars, shifted["start"])[0] + 50]
+    with pytest.raises(DataError) as err:
+        prepare(_params(), bars, labels, shifted)
+    message = str(err.value)
+    assert "\n" not in message
+    assert message.startswith("user/test_labels.csv: row 1") and "user/labels.csv" in message
+
+
+def test_user_test_windows_inside_the_unlabeled_stretch_leave_pretraining(small_market):
+    bars, labels, test = small_market
+    # Held-out windows among the unlabeled ones (a user's choice): those unlabeled windows are left out.
+    inside = pd.DataFrame({"start": bars["timestamp"].to_numpy()[[500, 1200]], "label": ["consolidation"] * 2})
+    out = prepare(_params(), bars, labels, inside)
+    assert len(out.test) == 2 and out.excluded > 0
+    assert len(out.unlabeled) == 300 - out.excluded
+    window = out.unlabeled.values.shape[1]
+    assert not overlapping(bar_index(bars, out.test.start), bar_index(bars, out.unlabeled.start), window).any()
+    assert not overlapping(bar_index(bars, out.test.start), bar_index(bars, out.pool.start), window).any()
+
+
+def test_no_rows_means_no_heldout_set(small_market):
+    bars, labels, _ = small_market
+    out = prepare(_params(test_labels="data/no_test_labels.csv"), bars, labels,
+                  pd.read_csv(ROOT / "data/no_test_labels.csv"))
+    assert len(out.test) == 0 and out.excluded == 0
+
+
+def test_heldout_report_intervals_match_sklearn_points():
+    from sklearn.metrics import matthews_corrcoef
+
+    from moola.finetuning import heldout_report
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 400)
+    proba_a = np.eye(2)[np.where(rng.random(400) < 0.7, labels, 1 - labels)]
+    proba_b = np.eye(2)[np.where(rng.random(400) < 0.6, labels, 1 - labels)]
+    report = heldout_report(labels, {"pretrained": proba_a, "scratch": proba_b}, 300, 1, models=1)
+    assert report["pretrained"]["mcc"]["point"] == pytest.approx(matthews_corrcoef(labels, proba_a.argmax(1)), abs=1e-6)
+    assert report["lift"]["accuracy"]["point"] == pytest.approx(
+        np.mean(proba_a.argmax(1) == labels) - np.mean(proba_b.argmax(1) == labels), abs=1e-6)
+    assert report == heldout_report(labels, {"pretrained": proba_a, "scratch": proba_b}, 300, 1, models=1)
