@@ -14,14 +14,18 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 
 # What a temporary copy of the repository holds: the project itself, never its data, cache or git history.
-COPIED = ["src", "params.yaml", "dvc.yaml", "pyproject.toml", ".dvcignore", ".gitignore", "scripts"]
+COPIED = ["src", "params.yaml", "dvc.yaml", "pyproject.toml", ".dvcignore", ".gitignore", "scripts",
+          "data/no_test_labels.csv"]
 
 # Small enough for seconds per stage on 2 cores, large enough that every stage has real work.
 TINY = {
     "scale": {"windows": 0.006, "epochs": 0.04},  # 71 unlabeled windows; 3/2/4/3/3 pretraining epochs
     # One thread: the suite shares 2 cores with itself, and oversubscribed torch threads crawl.
     "pretrain": {"batch_size": 32, "hidden_size": 128, "threads": 1},
-    "finetune": {"seeds": [1337], "epochs": 50, "freeze_epochs": 25, "bootstrap": 200, "threads": 1},  # 2 epochs, 1 frozen
+    "finetune": {"seeds": [1337], "epochs": 2, "freeze_epochs": 1, "bootstrap": 200, "threads": 1},
+    # A label pool of 120 (the 89 and 31 more) and 300 held-out windows; a two-point curve with one seed.
+    "data": {"label_pool": 120, "test_windows": 300},
+    "curve": {"sizes": [20, 45], "seeds": [1337]},
 }
 
 
@@ -64,6 +68,7 @@ def make_repo(dest: Path, overrides: dict | None = None, git: bool = True) -> Pa
         if src.is_dir():
             shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
         elif src.exists():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / name)
     write_params(dest, deep_update(TINY, overrides or {}))
     if git:
@@ -72,6 +77,8 @@ def make_repo(dest: Path, overrides: dict | None = None, git: bool = True) -> Pa
         run(["git", "config", "user.name", "moola tests"], dest)
         run(["dvc", "init", "-q"], dest)
         run(["dvc", "config", "core.analytics", "false"], dest)
+        # The project's plot templates (dvc init has just made .dvc/).
+        shutil.copytree(ROOT / ".dvc" / "plots", dest / ".dvc" / "plots")
         run(["git", "add", "-A"], dest)
         run(["git", "commit", "-q", "-m", "tiny moola"], dest)
     return dest

@@ -10,9 +10,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from conftest import ROOT
+from conftest import ROOT, run
 
-from moola import evaluation, market
+from moola import evaluation, label_curve, market
 from moola.errors import DataError
 from moola.params import parse_params
 from moola.stages.prepare import prepare
@@ -45,7 +45,7 @@ def test_reference_run_heldout_windows_overlap_no_training_window(reference_run)
     unlabeled, pool, test = (read_windows(repo / f"data/prepared/{name}.parquet")
                              for name in ("unlabeled_windows", "label_pool", "test_windows"))
     window = unlabeled.values.shape[1]
-    assert len(test) == 2000 and len(pool) == 500
+    assert len(test) == 300 and len(pool) == 120  # conftest.TINY's data.test_windows and data.label_pool
     test_at = bar_index(bars, test.start)
     for training in (unlabeled, pool):
         assert not overlapping(test_at, bar_index(bars, training.start), window).any()
@@ -79,7 +79,7 @@ def _check_interval(m: dict) -> None:
 def test_reference_run_heldout_section_is_well_formed(reference_run):
     report = json.loads((reference_run.repo / "metrics/finetune.json").read_text())
     heldout = report["heldout"]
-    assert heldout["windows"] == 2000 and sum(heldout["class_counts"].values()) == 2000
+    assert heldout["windows"] == 300 and sum(heldout["class_counts"].values()) == 300
     for init in ("pretrained", "scratch", "logreg", "majority"):
         assert set(heldout[init]) == set(evaluation.BOOTSTRAP_METRICS)
         for metric in heldout[init].values():
@@ -88,11 +88,43 @@ def test_reference_run_heldout_section_is_well_formed(reference_run):
         lift = heldout["lift"][metric]
         assert lift["inside_noise"] == (lift["ci_low"] <= 0 <= lift["ci_high"])
     assert heldout["lift"]["verdict"]
-    # With 2000 windows the accuracy interval is a few points wide, not the out-of-fold +-12.
+    # Even the tiny run's 300 windows give an interval narrower than the out-of-fold +-12 points (2000: +-2).
     acc = heldout["pretrained"]["accuracy"]
-    assert acc["ci_high"] - acc["ci_low"] < 0.1
+    assert acc["ci_high"] - acc["ci_low"] < 0.15
     # The out-of-fold section is still there.
     assert "accuracy" in report["lift"] and "mean" in report["pretrained"]["accuracy"]
+
+
+def test_reference_run_label_curve_is_well_formed_and_plotted(reference_run):
+    repo = reference_run.repo
+    curve = json.loads((repo / "metrics/label_curve.json").read_text())
+    assert curve["heldout_windows"] == 300 and curve["pool_windows"] == 120 and curve["seeds"] == [1337]
+    assert list(curve["sizes"]) == ["20", "45"] and curve["skipped_sizes"] == []
+    for entry in curve["sizes"].values():
+        for model in label_curve.MODELS:
+            for metric in label_curve.CURVE_METRICS:
+                m = entry[model][metric]
+                assert m["ci_low"] <= m["point"] <= m["ci_high"]
+                assert m["seed_min"] == m["seed_max"] == m["point"]  # one seed: its value is the mean
+        lift = entry["lift"]["accuracy"]
+        expected = entry["pretrained"]["accuracy"]["point"] - entry["scratch"]["accuracy"]["point"]
+        assert lift["point"] == pytest.approx(expected, abs=1e-5)
+    # The majority class predicts the training draw's larger class on every window: its accuracy is that share.
+    test = read_windows(repo / TEST_FILE)
+    assert curve["sizes"]["20"]["majority"]["accuracy"]["point"] == pytest.approx(np.mean(test.label == 0), abs=1e-6)
+    table = pd.read_csv(repo / "plots/label_curve.csv")
+    assert len(table) == 2 * len(label_curve.MODELS)
+    row = table[(table["labels"] == 45) & (table["model"] == "pretrained")].iloc[0]
+    assert row["mcc"] == pytest.approx(curve["sizes"]["45"]["pretrained"]["mcc"]["point"], abs=1e-6)
+    # `dvc plots show` renders both curves with the project's band template (lines and interval bands).
+    shown = json.loads(run(["dvc", "plots", "show", "--json"], repo).stdout)
+    for title, metric in (("Held-out accuracy", "accuracy"), ("Held-out MCC", "mcc")):
+        name = next(k for k in shown["data"] if k.startswith(title))
+        content = shown["data"][name][0]["content"]
+        assert len(content["data"]["values"]) == len(table)
+        band, line = content["layer"]
+        assert band["encoding"]["y"]["field"] == f"{metric}_low" and band["encoding"]["y2"]["field"] == f"{metric}_high"
+        assert line["encoding"]["y"]["field"] == metric and content["encoding"]["x"]["field"] == "labels"
 
 
 @pytest.fixture(scope="module")
@@ -151,3 +183,12 @@ def test_heldout_report_intervals_match_sklearn_points():
     assert report["lift"]["accuracy"]["point"] == pytest.approx(
         np.mean(proba_a.argmax(1) == labels) - np.mean(proba_b.argmax(1) == labels), abs=1e-6)
     assert report == heldout_report(labels, {"pretrained": proba_a, "scratch": proba_b}, 300, 1, models=1)
+
+
+def test_curve_draws_are_stratified_seeded_and_whole_pool_at_its_size():
+    labels = np.array([0] * 64 + [1] * 36)
+    a, b = label_curve.draw_labeled(labels, 20, 7), label_curve.draw_labeled(labels, 20, 7)
+    assert np.array_equal(a, b) and len(np.unique(a)) == 20
+    assert np.bincount(labels[a]).tolist() == [13, 7]  # the pool's 64/36 share, rounded
+    assert not np.array_equal(a, label_curve.draw_labeled(labels, 20, 8))
+    assert np.array_equal(label_curve.draw_labeled(labels, 100, 7), np.arange(100))

@@ -35,14 +35,15 @@ def test_spec_is_the_default():
     assert p.finetune.hidden_size == 128 and p.finetune.attention_heads == 8 and p.finetune.folds == 5
 
 
-def test_scale_shrinks_windows_and_epochs_not_the_table():
+def test_scale_shrinks_windows_and_pretraining_epochs_not_the_table():
     raw = spec()
     raw["scale"] = {"windows": 0.01, "epochs": 0.1}
     p = parse_params(raw)
     assert p.unlabeled_windows == 119
     assert [e.epochs for e in p.all_experiments()] == [8, 5, 10, 8, 8]
     assert p.experiment("exp3_aggressive").train.epochs == 100  # the literal spec number is kept
-    assert p.finetune_epochs == 6 and p.freeze_epochs == 1
+    # Fine-tuning is never scaled: a classifier cut to a few epochs does not train.
+    assert p.finetune_epochs == 60 and p.freeze_epochs == 10
 
 
 def test_top_level_mask_reaches_only_experiments_without_their_own():

@@ -38,6 +38,8 @@ PLUMBING = (
 DATA_STAGES = ["example_market", "prepare", "augment@warp12_x4", "augment@warp10_x3", "augment@warp15_x5"]
 LABELED = "data/prepared/labeled_windows.parquet"
 UNLABELED = "data/prepared/unlabeled_windows.parquet"
+LABEL_POOL = "data/prepared/label_pool.parquet"
+TEST = "data/prepared/test_windows.parquet"
 
 
 # --- what each stage imports and lists -------------------------------------------------------------------------
@@ -191,8 +193,8 @@ def perturbed(dotted: str, value):
 
 
 DATA_OUTPUTS = {
-    "example_market": ["data/example/bars.parquet", "data/example/labels.csv"],
-    "prepare": [UNLABELED, LABELED],
+    "example_market": ["data/example/bars.parquet", "data/example/labels.csv", "data/example/test_labels.csv"],
+    "prepare": [UNLABELED, LABELED, LABEL_POOL, TEST],
     "augment@warp12_x4": ["data/augmented/warp12_x4.npy"],
 }
 # The three data stages' commands (what dvc.yaml runs), in one process: one start-up instead of three per param.
@@ -224,7 +226,7 @@ def test_each_param_that_changes_a_data_stage_output_makes_status_name_the_stage
     sections["augment"]["recipes"] = {"warp12_x4": params["augment"]["recipes"]["warp12_x4"]}
     decided = {}
     for dotted, value in scalar_leaves(sections):
-        if dotted in ("data.bars", "data.labels"):  # the files themselves: the source tests below
+        if dotted in ("data.bars", "data.labels", "data.test_labels"):  # the files themselves: the source tests below
             continue
         new = perturbed(dotted, value)
         assert new is not None, dotted
@@ -249,6 +251,10 @@ def test_each_param_that_changes_a_data_stage_output_makes_status_name_the_stage
     assert decided["data.val_fraction"] == ["augment@warp12_x4", "prepare"]
     assert decided["augment.jitter_sigma"] == ["augment@warp12_x4"]
     assert decided["scale.epochs"] == [] and decided["mask"] == []
+    # The pool and the held-out set come from the example market's continuation: the unlabeled windows (and so
+    # every augmented array) stay as they were.
+    assert decided["data.label_pool"] == ["example_market", "prepare"]
+    assert decided["data.test_windows"] == ["example_market", "prepare"]
 
 
 @pytest.mark.integration

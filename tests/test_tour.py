@@ -40,10 +40,12 @@ def toured(reference_run, tmp_path_factory):
 def test_tour_runs_every_stage_through_dvc_and_prints_the_results(toured):
     repo, out = toured
     assert out.startswith("$ dvc exp run -S scale.windows=0.04")
+    assert out.splitlines()[0].endswith(" finetune label_curve")  # the tour's targets: no ablation
     for stage in ["prepare", "augment@warp12_x4", "pretrain@exp1_baseline", "pretrain@exp5_random_mask", "select",
-                  "finetune", "finetune_ablation@exp3_aggressive"]:
+                  "finetune", "label_curve"]:
         assert f"Running stage '{stage}'" in out or f"Stage '{stage}' is cached" in out or (
             f"Stage '{stage}' didn't change" in out), stage
+    assert "finetune_ablation" not in out
     table = out[out.index("Pretraining (validation loss"):]
     for exp in ["exp1_baseline", "exp2_conservative", "exp3_aggressive", "exp4_block_mask", "exp5_random_mask"]:
         assert exp in table and "(not run)" not in table
@@ -52,7 +54,16 @@ def test_tour_runs_every_stage_through_dvc_and_prints_the_results(toured):
     finetune = json.loads((repo / "metrics/finetune.json").read_text())
     accuracy = finetune["pretrained"]["accuracy"]["mean"]
     assert f"{100 * accuracy:5.1f}%" in table.split("pretrained")[1].splitlines()[0]
-    assert "majority" in table and "logreg" in table and "from exp4_block_mask" in table
+    assert "majority" in table and "logreg" in table and "Ablation: not run" in table
+    # The held-out table and the curve: the tour's own sizes, numbers as the metrics files hold them.
+    heldout = finetune["heldout"]
+    assert heldout["windows"] == 300 and f"Held-out test set ({heldout['windows']} windows" in table
+    lift = heldout["lift"]["accuracy"]
+    assert f"accuracy {100 * lift['point']:+.1f} points [{100 * lift['ci_low']:+.1f}, {100 * lift['ci_high']:+.1f}]" in table
+    curve = json.loads((repo / "metrics/label_curve.json").read_text())
+    assert list(curve["sizes"]) == ["20", "45", "89"] and curve["skipped_sizes"] == [] and curve["seeds"] == [1337]
+    row = next(line for line in table.splitlines() if line.strip().startswith("45 "))
+    assert f"{100 * curve['sizes']['45']['pretrained']['accuracy']['point']:5.1f}%" in row
     shown = run(["dvc", "exp", "show", "--no-pager", "--csv"], repo).stdout
     assert "scale.windows" in shown or "0.006" in shown
 
@@ -77,4 +88,4 @@ def test_mask_override_reruns_only_what_follows_the_top_level_mask(toured):
     assert "metrics/pretrain/exp4_block_mask.json" not in changed
     assert "metrics/pretrain/exp5_random_mask.json" not in changed
     shown = json.loads(run(["dvc", "exp", "show", "--json"], repo).stdout)
-    assert len(json.dumps(shown)) > 0 and "random" in json.dumps(shown)
+    assert '"mask": "random"' in json.dumps(shown)

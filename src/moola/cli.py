@@ -1,6 +1,7 @@
 """The `moola` command: the laptop tour, the results table, and the parallel runner.
 
-    moola tour       run the whole pipeline at a small scale through `dvc exp run`, then print the results
+    moola tour       run the pipeline at a small scale through `dvc exp run`, then print the results
+    moola study      the same with every unlabeled window and pretraining cut to ~45 min on 2 CPU cores
     moola report     print the results table from the metrics files in the workspace
     moola parallel   the five pretraining experiments concurrently, then the rest (see moola.parallel)
     moola doctor     a GPU box's first command: versions, the LSTM's real dtype, TF32, bare LSTM vs the loop
@@ -17,14 +18,28 @@ from pathlib import Path
 from moola.errors import MoolaError, run_main
 from moola.params import CLASS_NAMES, load_params
 
-# The tour: 4% of the windows and 10% of the epochs (8 for exp1, 6 fine-tuning epochs), smaller batches so that
-# each epoch still takes many optimiser steps, and one fine-tuning seed instead of three.
+# The tour: 4% of the windows and 10% of the pretraining epochs (8 for exp1), smaller batches so that each epoch
+# still takes many optimiser steps, one fine-tuning seed instead of three, and the curve's three smaller sizes.
+# Fine-tuning keeps its 60 epochs (scale.epochs scales pretraining only): cut short, the classifier never trains.
+# It runs the stages up to finetune and label_curve; the ablation (five more fine-tunings, ~4 min here) is left
+# to `dvc exp run`.
 TOUR_SET = {
     "scale.windows": "0.04",
     "scale.epochs": "0.1",
     "pretrain.batch_size": "128",
     "finetune.seeds": "[1337]",
+    "curve.sizes": "[20,45,89]",
+    "curve.seeds": "[1337]",
 }
+# The CPU study: every unlabeled window of the spec (11,873) and pretraining cut to fit about 45 minutes on a
+# 2-core CPU (see README "Results"); fine-tuning and the curve at the spec's settings.
+STUDY_SET = {
+    "scale.windows": "1.0",
+    "scale.epochs": "0.04",
+    "pretrain.batch_size": "256",
+}
+TARGETS = ["finetune", "label_curve"]
+RUNS = {"tour": TOUR_SET, "study": STUDY_SET}
 
 
 def _load(path: Path) -> dict | None:
@@ -120,16 +135,43 @@ def report(root: Path = Path(".")) -> str:
             )
     else:
         lines.append("  (not run)")
+    lines += [""] + curve_lines(_load(root / "metrics/label_curve.json"))
     ablation = [(exp, _load(root / f"metrics/ablation/{exp}.json")) for exp in p.experiments]
     if any(m for _, m in ablation):
-        lines += ["", "Ablation: the same fine-tuning from each encoder", header]
+        lines += ["", "Ablation: the same fine-tuning from each encoder (out of fold)", header]
         lines += [row(f"from {exp}", (m or {}).get("pretrained")) for exp, m in ablation]
+    else:
+        lines += ["", "Ablation: not run (`dvc exp run` or `dvc repro` runs it; the tour and the study leave it out)"]
     return "\n".join(lines)
 
 
-def tour(extra: list[str]) -> None:
-    sets = [arg for key, value in TOUR_SET.items() for arg in ("-S", f"{key}={value}")]
-    cmd = ["dvc", "exp", "run", *sets, *extra]
+def curve_lines(c: dict | None) -> list[str]:
+    """The label-efficiency curve: held-out accuracy and MCC per number of labels, with 95% intervals."""
+    if not c:
+        return ["Label-efficiency curve: (not run)"]
+    if not c.get("heldout_windows"):
+        return [f"Label-efficiency curve: none - {c.get('note', 'no held-out set')}"]
+    lines = [
+        f"Label-efficiency curve: held-out accuracy (MCC) by labeled windows; mean of {len(c['seeds'])} seed(s), "
+        f"95% bootstrap intervals over the {c['heldout_windows']} held-out windows",
+        f"  {'labels':>6} " + " ".join(f"{m:>32}" for m in ("pretrained", "scratch", "logreg", "majority"))
+        + f" {'lift (accuracy, points)':>26}",
+    ]
+    for size, entry in c["sizes"].items():
+        cells = [f"{_ci(entry[m]['accuracy'], True)} ({entry[m]['mcc']['point']:+.2f})"
+                 for m in ("pretrained", "scratch", "logreg", "majority")]
+        lift = entry["lift"]["accuracy"]
+        lift_cell = f"{100 * lift['point']:+.1f} [{100 * lift['ci_low']:+.1f}, {100 * lift['ci_high']:+.1f}]"
+        lines.append(f"  {size:>6} " + " ".join(f"{cell:>32}" for cell in cells) + f" {lift_cell:>26}")
+    if c.get("skipped_sizes"):
+        lines.append(f"  sizes {c['skipped_sizes']} left out: the label pool has {c['pool_windows']} windows")
+    return lines
+
+
+def run_experiment(name: str, extra: list[str]) -> None:
+    """`moola tour` / `moola study`: its -S settings, then the user's options, through `dvc exp run`."""
+    sets = [arg for key, value in RUNS[name].items() for arg in ("-S", f"{key}={value}")]
+    cmd = ["dvc", "exp", "run", *sets, *extra, *TARGETS]
     print("$ " + " ".join(cmd), flush=True)
     code = subprocess.call(cmd)
     if code != 0:
@@ -143,6 +185,8 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("tour", help="the whole pipeline at a small scale via `dvc exp run`, then the results; "
                    "further options go to `dvc exp run` (e.g. -S mask=random)")
+    sub.add_parser("study", help="the CPU study: all unlabeled windows, pretraining cut to about 45 minutes on 2 "
+                   "cores, then fine-tuning and the curve via `dvc exp run` (README \"Results\")")
     sub.add_parser("report", help="print the results table from the workspace's metrics")
     sub.add_parser("parallel", help="run the five pretraining experiments concurrently, then the rest "
                    "(moola parallel --help)")
@@ -158,10 +202,10 @@ def main(argv: list[str] | None = None) -> None:
 
         return doctor.main(argv[1:])
     args, extra = parser.parse_known_args(argv)
-    if extra and args.command != "tour":
+    if extra and args.command not in RUNS:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    if args.command == "tour":
-        run_main(lambda: tour(extra))
+    if args.command in RUNS:
+        run_main(lambda: run_experiment(args.command, extra))
     else:
         run_main(lambda: print(report()))
 
@@ -169,4 +213,4 @@ def main(argv: list[str] | None = None) -> None:
 if __name__ == "__main__":
     main()
 
-__all__ = ["main", "report", "tour", "MoolaError"]
+__all__ = ["main", "report", "run_experiment", "MoolaError"]

@@ -129,8 +129,8 @@ def set_encoder_trainable(model: SimpleLSTM, trainable: bool) -> None:
 def train_fold(
     x_train: np.ndarray,
     y_train: np.ndarray,
-    x_test: np.ndarray,
-    y_test: np.ndarray,
+    x_test: np.ndarray | None,
+    y_test: np.ndarray | None,
     cfg: FinetuneConfig,
     encoder_state: Mapping[str, torch.Tensor] | None,
     seed: int,
@@ -145,6 +145,7 @@ def train_fold(
     trains from epoch 1 at the base learning rate: freezing a random LSTM would only handicap the baseline.
     The last epoch's model predicts the held-out fold (choosing an epoch by that fold's loss would leak it), and,
     once training is over, the windows of `x_heldout` (the held-out test set: it never touches training).
+    Without `x_test` (the label-efficiency curve trains on all its windows) there is no per-epoch validation.
     """
     device = torch.device(device)
     torch.manual_seed(seed)
@@ -167,8 +168,10 @@ def train_fold(
     train_objective = nn.CrossEntropyLoss(weight=weights)
     xs = torch.as_tensor(np.ascontiguousarray(x_train), dtype=torch.float32, device=device)
     ys = torch.as_tensor(y_train, dtype=torch.long, device=device)
-    xt = torch.as_tensor(np.ascontiguousarray(x_test), dtype=torch.float32, device=device)
-    yt = torch.as_tensor(y_test, dtype=torch.long, device=device)
+    validate = x_test is not None and y_test is not None
+    if validate:
+        xt = torch.as_tensor(np.ascontiguousarray(x_test), dtype=torch.float32, device=device)
+        yt = torch.as_tensor(y_test, dtype=torch.long, device=device)
     order_rng = torch.Generator().manual_seed(seed)
     train_losses: list[float] = []
     val_losses: list[float] = []
@@ -187,15 +190,19 @@ def train_fold(
             total += float(loss.detach()) * len(batch)
             seen += len(batch)
         train_losses.append(total / seen)
-        model.eval()
-        with torch.no_grad():
-            logits = model(xt)
-            val_losses.append(float(nn.functional.cross_entropy(logits, yt)))
+        if validate:
+            model.eval()
+            with torch.no_grad():
+                logits = model(xt)
+                val_losses.append(float(nn.functional.cross_entropy(logits, yt)))
         if on_epoch is not None:
             on_epoch(epoch, model)
-    assert logits is not None
-    # On the CPU first: mps has no float64.
-    proba = torch.softmax(logits.detach().cpu().double(), dim=1).numpy()
+    if validate:
+        assert logits is not None
+        # On the CPU first: mps has no float64.
+        proba = torch.softmax(logits.detach().cpu().double(), dim=1).numpy()
+    else:
+        proba = np.zeros((0, len(CLASS_NAMES)))
     heldout = None if x_heldout is None else predict_proba(model, x_heldout, device)
     return FoldRun(proba=proba, train_loss=train_losses, val_loss=val_losses, heldout_proba=heldout)
 

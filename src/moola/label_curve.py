@@ -1,0 +1,129 @@
+"""The label-efficiency curve: how held-out accuracy and MCC grow with the number of labeled windows.
+
+For every size n and seed: a stratified draw of n windows from the label pool; SimpleLSTM from the pretrained
+encoder and from scratch (the same draw, the same head initialisation and batch order), the logistic regression
+and the majority class are trained on it with fine-tuning's settings (no folds: every drawn window trains, and the
+last epoch's model is kept, as in fine-tuning), then each model predicts the held-out windows. A point is the mean
+over seeds; its 95% interval is a percentile bootstrap over the held-out windows (the same resamples for every
+model, so the lift pretrained - scratch is paired). The seeds' spread (which windows were labeled, initialisation)
+is reported beside it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.model_selection import train_test_split
+
+from moola import evaluation
+from moola.finetuning import FinetuneConfig, NETWORK_INITS, train_fold
+
+MODELS = ("pretrained", "scratch", "logreg", "majority")
+CURVE_METRICS = ("accuracy", "balanced_accuracy", "mcc")
+
+
+def draw_labeled(labels: np.ndarray, size: int, seed: int) -> np.ndarray:
+    """Indices of a stratified draw of `size` windows (all of them if the pool has no more), sorted."""
+    n = len(labels)
+    if size >= n:
+        return np.arange(n)
+    picked, _ = train_test_split(np.arange(n), train_size=size, stratify=labels, random_state=seed)
+    return np.sort(picked)
+
+
+def _train_seed(seed: int, size: int) -> int:
+    # Shared by pretrained and scratch: only the LSTM's starting weights differ between them.
+    return seed * 1000 + size
+
+
+@dataclass
+class CurveResult:
+    sizes: list[int]  # the sizes that ran (those the pool can fill)
+    skipped: list[int]  # sizes above the pool's windows
+    # (size, model) -> (seeds, n_heldout) class predictions on the held-out windows
+    predictions: dict[tuple[int, str], np.ndarray]
+
+
+def run_curve(
+    pool_values: np.ndarray,
+    pool_labels: np.ndarray,
+    heldout_values: np.ndarray,
+    cfg: FinetuneConfig,
+    sizes: Sequence[int],
+    seeds: Sequence[int],
+    encoder_state: Mapping[str, torch.Tensor],
+    device: torch.device | str = "cpu",
+    log: Callable[[str], None] = print,
+) -> CurveResult:
+    """Every model of MODELS trained on each size's draws; their held-out class predictions."""
+    pool_labels = np.asarray(pool_labels, dtype=np.int64)
+    runnable = sorted(n for n in sizes if n <= len(pool_labels))
+    skipped = sorted(n for n in sizes if n > len(pool_labels))
+    pool_features = evaluation.window_features(pool_values)
+    heldout_features = evaluation.window_features(heldout_values)
+    predictions: dict[tuple[int, str], list[np.ndarray]] = {}
+    for size in runnable:
+        for seed in seeds:
+            idx = draw_labeled(pool_labels, size, seed)
+            x, y = pool_values[idx], pool_labels[idx]
+            for init in NETWORK_INITS:
+                run = train_fold(
+                    x, y, None, None, cfg, encoder_state if init == "pretrained" else None,
+                    _train_seed(seed, size), device, x_heldout=heldout_values,
+                )
+                assert run.heldout_proba is not None
+                predictions.setdefault((size, init), []).append(run.heldout_proba.argmax(axis=1))
+            logreg = evaluation.logreg_proba(pool_features[idx], y, heldout_features, cfg.class_weighted)
+            predictions.setdefault((size, "logreg"), []).append(logreg.argmax(axis=1))
+            majority = evaluation.majority_proba(y, len(heldout_values))
+            predictions.setdefault((size, "majority"), []).append(majority.argmax(axis=1))
+            log(f"labels {size}, seed {seed}: trained on {int(np.sum(y == 0))} + {int(np.sum(y == 1))} windows")
+    return CurveResult(
+        sizes=runnable, skipped=skipped, predictions={k: np.stack(v) for k, v in predictions.items()}
+    )
+
+
+def curve_report(
+    heldout_labels: np.ndarray, result: CurveResult, resamples: int, seed: int
+) -> tuple[dict, pd.DataFrame]:
+    """(metrics, plot table): per size and model, each metric's mean over seeds with its bootstrap interval and
+    the seeds' range; per size the paired lift pretrained - scratch."""
+    labels = np.asarray(heldout_labels, dtype=np.int64)
+    counts = evaluation.resample_counts(len(labels), resamples, seed)
+    per_size: dict[str, dict] = {}
+    rows = []
+    for size in result.sizes:
+        entry: dict[str, dict] = {}
+        for model in MODELS:
+            predicted = result.predictions[(size, model)]
+            scores = {}
+            for metric in CURVE_METRICS:
+                interval = evaluation.bootstrap_interval(labels, predicted, metric, counts)
+                per_seed = [_point(labels, row, metric) for row in predicted]
+                scores[metric] = {**interval, "seed_min": round(min(per_seed), 6), "seed_max": round(max(per_seed), 6)}
+            entry[model] = scores
+            rows.append({"labels": size, "model": model, **{
+                f"{metric}{suffix}": scores[metric][key]
+                for metric in CURVE_METRICS
+                for suffix, key in (("", "point"), ("_low", "ci_low"), ("_high", "ci_high"))
+            }})
+        entry["lift"] = {
+            metric: evaluation.paired_bootstrap_lift(
+                labels, result.predictions[(size, "pretrained")], result.predictions[(size, "scratch")], metric,
+                resamples, seed, counts=counts,
+            )
+            for metric in CURVE_METRICS
+        }
+        per_size[str(size)] = entry
+    columns = ["labels", "model"] + [f"{m}{s}" for m in CURVE_METRICS for s in ("", "_low", "_high")]
+    table = pd.DataFrame(rows, columns=columns)
+    return per_size, table
+
+
+def _point(labels: np.ndarray, predicted: np.ndarray, metric: str) -> float:
+    """One seed's metric on every held-out window."""
+    return float(evaluation.BOOTSTRAP_METRICS[metric](np.ones((1, len(labels))), predicted, labels)[0])

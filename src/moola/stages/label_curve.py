@@ -1,0 +1,81 @@
+"""Stage label_curve: held-out accuracy and MCC against the number of labeled windows (moola.label_curve).
+
+    python -m moola.stages.label_curve
+
+Reads the label pool, the held-out windows and the selected encoder; writes metrics/label_curve.json and
+plots/label_curve.csv (one row per size and model: the point and its 95% interval, for `dvc plots show`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from moola import io, label_curve
+from moola.device import describe, pick_device, use_threads
+from moola.errors import DataError, run_main
+from moola.finetuning import FinetuneConfig
+from moola.models import load_encoder_checkpoint
+from moola.numerics import apply_cuda_settings, attention_kernels
+from moola.params import Params, load_params
+from moola.windows import LABEL_POOL, TEST, read_windows
+
+SELECTED_ENCODER = Path("data/selected/encoder.pt")
+CURVE_METRICS = Path("metrics/label_curve.json")
+CURVE_PLOT = Path("plots/label_curve.csv")
+
+
+def run(p: Params) -> None:
+    ft, c = p.finetune, p.curve
+    pool, test = read_windows(LABEL_POOL), read_windows(TEST)
+    for path, windows in ((LABEL_POOL, pool), (TEST, test)):
+        if len(windows) and windows.label is None:
+            raise DataError(f"{path}: column 'label' missing (expected labeled windows)")
+    if len(test) == 0:
+        note = f"no held-out set ({p.data.test_labels} has no rows): the curve needs held-out windows to score"
+        print(note, flush=True)
+        io.write_json(CURVE_METRICS, {"heldout_windows": 0, "note": note})
+        io.write_text(CURVE_PLOT, pd.DataFrame(columns=["labels", "model"]).to_csv(index=False))
+        return
+    device = pick_device(ft.device, key="finetune.device")
+    use_threads(device, ft.threads)
+    apply_cuda_settings(device, ft.tf32, ft.deterministic)
+    checkpoint = load_encoder_checkpoint(SELECTED_ENCODER, expect_hidden=ft.hidden_size)
+    cfg = FinetuneConfig.from_params(p)
+    print(f"label pool {len(pool)} windows, held-out {len(test)}; sizes {c.sizes} x seeds {c.seeds}; "
+          f"{cfg.epochs} epochs ({cfg.freeze_epochs} frozen); device {describe(device)}", flush=True)
+    with attention_kernels(device, ft.deterministic):
+        result = label_curve.run_curve(
+            pool.values, pool.label, test.values, cfg, c.sizes, c.seeds, checkpoint.state_dict, device
+        )
+    per_size, table = label_curve.curve_report(test.label, result, ft.bootstrap, p.seed)
+    report = {
+        "heldout_windows": len(test),
+        "pool_windows": len(pool),
+        "seeds": list(c.seeds),
+        "epochs": cfg.epochs,
+        "interval": f"95% percentile bootstrap over the held-out windows ({ft.bootstrap} resamples) of the mean over "
+                    "seeds; seed_min/seed_max: the seeds' range",
+        "skipped_sizes": result.skipped,
+        "sizes": per_size,
+    }
+    if result.skipped:
+        print(f"sizes {result.skipped} left out: the label pool has {len(pool)} windows", flush=True)
+    for size, entry in per_size.items():
+        lift = entry["lift"]["accuracy"]
+        print(f"labels {size:>4}: " + ", ".join(
+            f"{m} {100 * entry[m]['accuracy']['point']:.1f}%" for m in label_curve.MODELS
+        ) + f"; lift {100 * lift['point']:+.1f} [{100 * lift['ci_low']:+.1f}, {100 * lift['ci_high']:+.1f}]",
+              flush=True)
+    io.write_text(CURVE_PLOT, table.to_csv(index=False, float_format="%.6f", lineterminator="\n"))
+    io.write_json(CURVE_METRICS, report)
+    print(f"wrote {CURVE_METRICS}, {CURVE_PLOT}", flush=True)
+
+
+def main() -> None:
+    run(load_params())
+
+
+if __name__ == "__main__":
+    run_main(main)
