@@ -127,7 +127,7 @@ def test_plumbing_list_is_the_one_dvc_yaml_states():
 
 def test_every_stage_lists_every_module_its_command_imports(project):
     stages, modules = stage_table(project), stage_modules(project)
-    assert set(stages) >= set(DATA_STAGES) and len(stages) == 17
+    assert set(stages) >= set(DATA_STAGES) and len(stages) == 18
     for name, stage in stages.items():
         deps = set(stage["deps"])
         missing = needed_deps(project, modules[name]) - deps

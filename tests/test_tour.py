@@ -53,7 +53,8 @@ def test_tour_runs_every_stage_through_dvc_and_prints_the_results(toured):
     assert f"Selected encoder: {selected}" in table
     finetune = json.loads((repo / "metrics/finetune.json").read_text())
     accuracy = finetune["pretrained"]["accuracy"]["mean"]
-    assert f"{100 * accuracy:5.1f}%" in table.split("pretrained")[1].splitlines()[0]
+    out_of_fold = table.split("Fine-tuning, out of fold")[1]
+    assert f"{100 * accuracy:5.1f}%" in out_of_fold.split("pretrained")[1].splitlines()[0]
     assert "majority" in table and "logreg" in table and "Ablation: not run" in table
     # The held-out table and the curve: the tour's own sizes, numbers as the metrics files hold them.
     heldout = finetune["heldout"]

@@ -91,8 +91,11 @@ def heldout_lines(h: dict | None) -> list[str]:
     return lines
 
 
-def report(root: Path = Path(".")) -> str:
-    """The results as a plain-text table (pretraining, selection, fine-tuning, ablation)."""
+def report(root: Path = Path("."), ablation: bool = True) -> str:
+    """The results as a plain-text table (pretraining, selection, held-out, fine-tuning, curve, ablation).
+
+    ablation=False leaves the ablation out: after a run that did not include it (the tour, the study), metrics
+    files in the workspace would be another run's."""
     p = load_params(root / "params.yaml")
     lines = ["Pretraining (validation loss = masked-step MSE on held-out windows)"]
     lines.append(f"  {'experiment':<20} {'mask':<7} {'epochs':>6} {'best val':>10} {'final val':>10}")
@@ -136,10 +139,10 @@ def report(root: Path = Path(".")) -> str:
     else:
         lines.append("  (not run)")
     lines += [""] + curve_lines(_load(root / "metrics/label_curve.json"))
-    ablation = [(exp, _load(root / f"metrics/ablation/{exp}.json")) for exp in p.experiments]
-    if any(m for _, m in ablation):
+    found = [(exp, _load(root / f"metrics/ablation/{exp}.json")) for exp in p.experiments] if ablation else []
+    if any(m for _, m in found):
         lines += ["", "Ablation: the same fine-tuning from each encoder (out of fold)", header]
-        lines += [row(f"from {exp}", (m or {}).get("pretrained")) for exp, m in ablation]
+        lines += [row(f"from {exp}", (m or {}).get("pretrained")) for exp, m in found]
     else:
         lines += ["", "Ablation: not run (`dvc exp run` or `dvc repro` runs it; the tour and the study leave it out)"]
     return "\n".join(lines)
@@ -177,7 +180,7 @@ def run_experiment(name: str, extra: list[str]) -> None:
     if code != 0:
         raise SystemExit(code)
     print()
-    print(report())
+    print(report(ablation=False))
 
 
 def main(argv: list[str] | None = None) -> None:
