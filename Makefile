@@ -11,7 +11,7 @@ CPU_TORCH := torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.moola-installed
 
-.PHONY: setup tour test
+.PHONY: setup tour study test
 
 setup: $(STAMP)
 
@@ -33,6 +33,10 @@ $(STAMP): pyproject.toml
 # The venv's bin goes first on PATH: moola calls dvc, and dvc's stages call python.
 tour: $(STAMP)
 	PATH="$(abspath $(BIN)):$$PATH" moola tour $(ARGS)
+
+# The CPU study (README "Results"): about 40 minutes on 2 cores.
+study: $(STAMP)
+	PATH="$(abspath $(BIN)):$$PATH" moola study $(ARGS)
 
 # The README's test command.
 test: $(STAMP)

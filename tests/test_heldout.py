@@ -192,3 +192,18 @@ def test_curve_draws_are_stratified_seeded_and_whole_pool_at_its_size():
     assert np.bincount(labels[a]).tolist() == [13, 7]  # the pool's 64/36 share, rounded
     assert not np.array_equal(a, label_curve.draw_labeled(labels, 20, 8))
     assert np.array_equal(label_curve.draw_labeled(labels, 100, 7), np.arange(100))
+
+
+def test_own_bars_with_the_example_heldout_labels_are_refused_naming_the_param():
+    from moola.errors import ParamsError
+    from moola.stages.prepare import check_test_labels_follow_bars
+
+    p = _params()  # the user's own labels and held-out labels: fine
+    check_test_labels_follow_bars(p.data)
+    mixed = parse_params({**yaml.safe_load((ROOT / "params.yaml").read_text()),
+                          "data": {"bars": "data/raw/bars.csv", "labels": "data/raw/labels.csv"}})
+    with pytest.raises(ParamsError) as info:
+        check_test_labels_follow_bars(mixed.data)
+    message = str(info.value)
+    assert "\n" not in message and "data.test_labels" in message and "data/example/test_labels.csv" in message
+    assert "data/raw/bars.csv" in message and "data/no_test_labels.csv" in message

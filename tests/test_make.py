@@ -57,6 +57,7 @@ def test_a_second_call_installs_nothing_and_starts_at_once(repo):
     assert plan(repo, "tour").strip().splitlines() == [f'PATH="{repo}/.venv/bin:$PATH" moola tour']
     assert plan(repo, "test").strip().splitlines() == [f'PATH="{repo}/.venv/bin:$PATH" python -m pytest -q']
     assert plan(repo, "tour", "ARGS=-S mask=random").strip().endswith("moola tour -S mask=random")
+    assert plan(repo, "study").strip().splitlines() == [f'PATH="{repo}/.venv/bin:$PATH" moola study']
 
 
 def test_a_changed_pyproject_reinstalls_the_project(repo):

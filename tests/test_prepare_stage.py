@@ -74,7 +74,8 @@ def write_files_source(repo: Path, bars: pd.DataFrame, labels: pd.DataFrame, suf
         bars.to_parquet(raw / "bars.parquet", index=False)
     labels.to_csv(raw / "labels.csv", index=False)
     # Two folds: four labeled windows (two of each class) are enough for prepare's early fold check.
-    set_params(repo, data={"bars": f"data/raw/bars{suffix}", "labels": "data/raw/labels.csv"}, finetune={"folds": 2})
+    set_params(repo, data={"bars": f"data/raw/bars{suffix}", "labels": "data/raw/labels.csv",
+                                  "test_labels": "data/no_test_labels.csv"}, finetune={"folds": 2})
 
 
 def good_files():

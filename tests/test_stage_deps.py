@@ -262,11 +262,12 @@ def test_example_source_a_label_row_a_bar_and_a_param(data_repo):
     repo = data_repo
     labels = repo / "data/example/labels.csv"
     original = labels.read_text()
-    labels.write_text("".join(original.splitlines(keepends=True)[:-1]))  # the last labeled window goes
+    lines = original.splitlines(keepends=True)
+    labels.write_text("".join(lines[:89] + lines[90:]))  # the 89th labeled window goes (the 90th takes its place)
     named = status(repo, *DATA_STAGES)
     assert {"example_market", "prepare"} <= set(named)
     assert ran(run(["dvc", "repro", "-s", "prepare"], repo).stdout) == {"prepare"}
-    assert len(read_windows(repo / LABELED)) == 88
+    assert len(read_windows(repo / LABELED)) == 89 and len(read_windows(repo / LABEL_POOL)) == 119
     # The example files are example_market's outputs: a full repro puts them (and the windows) back.
     run(["dvc", "repro", "augment"], repo)
     assert labels.read_text() == original and len(read_windows(repo / LABELED)) == 89
@@ -300,6 +301,7 @@ def test_user_files_a_label_row_a_bar_a_param_and_a_module(tmp_path):
     set_param(repo, "finetune.folds", 2)  # prepare refuses fewer windows of a class than folds
     set_param(repo, "data.bars", "data/raw/bars.csv")
     set_param(repo, "data.labels", "data/raw/labels.csv")
+    set_param(repo, "data.test_labels", "data/no_test_labels.csv")
     run(["dvc", "add", "data/raw/bars.csv", "data/raw/labels.csv"], repo)  # README's way to track them
     out = run(["dvc", "repro", "prepare"], repo).stdout
     assert ran(out) == {"prepare"}  # the example market is not upstream of a user's files

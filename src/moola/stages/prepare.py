@@ -16,8 +16,8 @@ import numpy as np
 import pandas as pd
 
 from moola import io
-from moola.errors import DataError, run_main
-from moola.params import CLASS_NAMES, FEATURES, Params, load_params
+from moola.errors import DataError, ParamsError, run_main
+from moola.params import CLASS_NAMES, FEATURES, PARAMS_FILE, DataParams, Params, load_params
 from moola.windows import (
     LABEL_POOL,
     LABELED,
@@ -102,8 +102,20 @@ def prepare(p: Params, bars: pd.DataFrame, labels: pd.DataFrame, test_labels: pd
     return Prepared(unlabeled, labeled, pool, test, int(seen_test.sum()))
 
 
+def check_test_labels_follow_bars(d: DataParams) -> None:
+    """Your own bars with the example market's held-out labels cannot match: say which param to set."""
+    example = DataParams()
+    if d.bars != example.bars and d.test_labels == example.test_labels:
+        raise ParamsError(
+            f"{PARAMS_FILE}: data.test_labels still names the example market's held-out windows ({d.test_labels}) "
+            f"while data.bars is {d.bars}; set data.test_labels to your own held-out labels, or to "
+            "data/no_test_labels.csv for none"
+        )
+
+
 def main() -> None:
     p = load_params()
+    check_test_labels_follow_bars(p.data)
     bars = read_bars(p.data.bars)
     out = prepare(p, bars, read_label_table(p.data.labels), read_label_table(p.data.test_labels, "data.test_labels"))
     unlabeled, labeled = out.unlabeled, out.labeled

@@ -1,0 +1,54 @@
+"""dvc.yaml and params.yaml name the same experiments everywhere, checked without running anything.
+
+Adding an experiment is two edits (params.yaml's `experiments`, dvc.yaml's `pretrain.foreach`; select, its plots,
+the ablation and the artifacts follow from the foreach or are listed here); this test names the place that was
+forgotten, instead of `select` failing after hours of pretraining.
+"""
+
+from __future__ import annotations
+
+import re
+
+import yaml
+
+from conftest import ROOT
+
+
+def _load(name: str) -> dict:
+    return yaml.safe_load((ROOT / name).read_text())
+
+
+def _experiments_in(paths, pattern: str) -> set[str]:
+    return {m.group(1) for p in paths if (m := re.fullmatch(pattern, p))}
+
+
+def test_every_place_of_dvc_yaml_names_the_experiments_of_params_yaml():
+    experiments = set(_load("params.yaml")["experiments"])
+    dvc = _load("dvc.yaml")
+    stages = dvc["stages"]
+    assert set(stages["pretrain"]["foreach"]) == experiments, "dvc.yaml stages.pretrain.foreach"
+    # The ablation iterates params.yaml's experiments itself.
+    assert stages["finetune_ablation"]["foreach"] == "${experiments}"
+    select_deps = stages["select"]["deps"]
+    assert _experiments_in(select_deps, r"data/pretrained/(\w+)_encoder\.pt") == experiments, "select deps (encoders)"
+    assert _experiments_in(select_deps, r"metrics/pretrain/(\w+)\.json") == experiments, "select deps (metrics)"
+    assert _experiments_in(select_deps, r"plots/pretrain/(\w+)\.csv") == experiments, "select deps (curves)"
+    for plot in dvc["plots"]:
+        (title, spec), = plot.items()
+        files = list(spec["y"])
+        if all(f.startswith("plots/pretrain/") for f in files):
+            assert _experiments_in(files, r"plots/pretrain/(\w+)\.csv") == experiments, f"plot {title!r}"
+    artifacts = [a["path"] for a in dvc["artifacts"].values()]
+    assert _experiments_in(artifacts, r"data/pretrained/(\w+)_encoder\.pt") == experiments, "artifacts"
+
+
+def test_every_experiment_trains_on_the_recipe_params_yaml_gives_it():
+    params = _load("params.yaml")
+    default_recipe = params["pretrain"]["augment"]
+    foreach = _load("dvc.yaml")["stages"]["pretrain"]["foreach"]
+    for name, overrides in params["experiments"].items():
+        recipe = (overrides or {}).get("augment", default_recipe)
+        assert foreach[name]["augment"] == recipe, f"dvc.yaml pretrain.foreach.{name}.augment"
+        own_mask = "mask" in (overrides or {})
+        expected = f"experiments.{name}.mask" if own_mask else "mask"
+        assert foreach[name]["mask_from"] == expected, f"dvc.yaml pretrain.foreach.{name}.mask_from"
