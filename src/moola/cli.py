@@ -160,7 +160,7 @@ def curve_lines(c: dict | None) -> list[str]:
         f"  {'labels':>6} " + " ".join(f"{m:>32}" for m in ("pretrained", "scratch", "logreg", "majority"))
         + f" {'lift (accuracy, points)':>26}",
     ]
-    for size, entry in c["sizes"].items():
+    for size, entry in sorted(c["sizes"].items(), key=lambda item: int(item[0])):  # JSON keys sort as text
         cells = [f"{_ci(entry[m]['accuracy'], True)} ({entry[m]['mcc']['point']:+.2f})"
                  for m in ("pretrained", "scratch", "logreg", "majority")]
         lift = entry["lift"]["accuracy"]
