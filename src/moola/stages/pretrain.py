@@ -22,15 +22,8 @@ from moola.device import describe, pick_device, use_threads
 from moola.errors import DataError, ParamsError, run_main
 from moola.models import count_parameters, save_encoder_checkpoint
 from moola.params import FEATURES, PARAMS_FILE, load_params
-from moola.pretraining import (
-    PretrainResult,
-    encoder_hyperparams,
-    file_digest,
-    log_line,
-    pretrain,
-    resume_fingerprint,
-    resume_path_for,
-)
+from moola.pretraining import PretrainResult, encoder_hyperparams, log_line, pretrain
+from moola.resume import file_digest, resume_fingerprint, resume_path_for
 from moola.windows import UNLABELED, read_windows
 
 
