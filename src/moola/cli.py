@@ -14,7 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from moola.errors import MoolaError, run_main
+from moola.errors import run_main
 from moola.params import CLASS_NAMES, load_params
 
 # The tour: 4% of the windows and 10% of the epochs (8 for exp1, 6 fine-tuning epochs), smaller batches so that
@@ -168,5 +168,3 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
-
-__all__ = ["main", "report", "tour", "MoolaError"]
