@@ -18,7 +18,8 @@ from moola.device import pick_device
 from moola.errors import ParamsError, TrainingDiverged
 from moola.models import load_encoder_checkpoint, save_encoder_checkpoint
 from moola.params import Experiment
-from moola.pretraining import encoder_hyperparams, pretrain, resume_fingerprint
+from moola.pretraining import encoder_hyperparams, pretrain
+from moola.resume import resume_fingerprint
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 

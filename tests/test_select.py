@@ -18,6 +18,7 @@ from moola import io
 from moola.errors import DataError
 from moola.models import save_encoder_checkpoint
 from moola.params import load_params
+from moola.selection import Candidate, assess, choose
 from moola.stages import select as select_stage
 
 EXPERIMENTS = ["exp1_baseline", "exp2_conservative", "exp3_aggressive", "exp4_block_mask", "exp5_random_mask"]
@@ -89,28 +90,28 @@ def test_not_learned_and_overfitting_are_rejected():
         return pd.DataFrame({"epoch": np.arange(1, len(val) + 1), "train_loss": train, "val_loss": val})
 
     val = np.linspace(0.1, 0.06, 30)  # still learning, but above 0.05 at epoch 25
-    c = select_stage.assess("slow", {"best_val_loss": 0.06}, curve(val * 0.9, val), 128, None, sp, 128)
+    c = assess("slow", {"best_val_loss": 0.06}, curve(val * 0.9, val), 128, None, sp, 128)
     assert c.rejections == [f"did not learn: val loss {val[24]:.4g} at epoch 25 > select.max_val_loss_at_check 0.05"]
 
     train, val = healthy()
-    c = select_stage.assess("overfit", {"best_val_loss": float(val.min())}, curve(train / 5, val), 128, None, sp, 128)
+    c = assess("overfit", {"best_val_loss": float(val.min())}, curve(train / 5, val), 128, None, sp, 128)
     assert len(c.rejections) == 1 and c.rejections[0].startswith("overfits: final val loss")
 
     # A tour shorter than check_epoch cannot be judged on learning (even well above 0.05), and the note says so.
     train, val = healthy(epochs=3)
-    c = select_stage.assess("tour", {"best_val_loss": float(val.min())}, curve(train + 0.2, val + 0.2), 128, None, sp, 128)
+    c = assess("tour", {"best_val_loss": float(val.min())}, curve(train + 0.2, val + 0.2), 128, None, sp, 128)
     assert c.passed and c.notes == [
         "ran 3 epochs (< select.check_epoch 25): the did-not-learn check does not apply"]
 
-    c = select_stage.assess("bad", {"best_val_loss": 0.01}, curve(train, val), None, "x.pt: truncated", sp, 128)
+    c = assess("bad", {"best_val_loss": 0.01}, curve(train, val), None, "x.pt: truncated", sp, 128)
     assert c.rejections == ["checkpoint unusable: x.pt: truncated"]
 
 
 def test_exact_tie_goes_to_the_fallback():
     sp = load_params(ROOT / "params.yaml").select
-    a = select_stage.Candidate("exp2_conservative", 0.01)
-    b = select_stage.Candidate("exp1_baseline", 0.01)
-    assert select_stage.choose([a, b], sp.fallback).name == "exp1_baseline"
+    a = Candidate("exp2_conservative", 0.01)
+    b = Candidate("exp1_baseline", 0.01)
+    assert choose([a, b], sp.fallback).name == "exp1_baseline"
 
 
 def test_no_candidate_passing_is_a_one_line_error_and_writes_nothing(workspace):

@@ -8,13 +8,15 @@ by -S to that run's params, so DVC restores its stages from the run-cache instea
 
 from __future__ import annotations
 
+import csv
+import io
 import json
+import shutil
 
 import pytest
 
-import shutil
-
 from conftest import run
+from moola.params import CLASS_NAMES, load_params
 
 pytest_plugins = ["pipeline_runs"]
 
@@ -22,6 +24,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 # The tour's own scale is minutes of training; these -S options (they come after the tour's own) shrink it to
 # seconds. A small model: this test is about the workflow, not the numbers.
+EXPERIMENTS = ["exp1_baseline", "exp2_conservative", "exp3_aggressive", "exp4_block_mask", "exp5_random_mask"]
 SHRINK = [
     "-S", "scale.windows=0.006", "-S", "scale.epochs=0.04", "-S", "pretrain.batch_size=32",
     "-S", "pretrain.hidden_size=16", "-S", "pretrain.decoder_hidden=8", "-S", "finetune.hidden_size=16",
@@ -47,26 +50,49 @@ def test_tour_runs_every_stage_through_dvc_and_prints_the_results(toured):
             f"Stage '{stage}' didn't change" in out), stage
     assert "finetune_ablation" not in out
     table = out[out.index("Pretraining (validation loss"):]
-    for exp in ["exp1_baseline", "exp2_conservative", "exp3_aggressive", "exp4_block_mask", "exp5_random_mask"]:
-        assert exp in table and "(not run)" not in table
+    assert "(not run)" not in table
+    rows = {line.split()[0]: line.split() for line in table.splitlines() if line.startswith("  ")}
+    # The -S options reached the run: the workspace's params are the shrunk ones, and each experiment trained
+    # the epochs they plan, with its own mask; the table prints each one's metrics file.
+    p = load_params(repo / "params.yaml")
+    assert (p.scale.windows, p.finetune.folds, p.finetune.seeds) == (0.006, 2, [1337])
+    for exp in EXPERIMENTS:
+        m = json.loads((repo / f"metrics/pretrain/{exp}.json").read_text())
+        assert m["epochs_planned"] == p.experiment(exp).epochs and 1 <= m["epochs_run"] <= m["epochs_planned"]
+        assert m["mask"] == {"exp4_block_mask": "block", "exp5_random_mask": "random"}.get(exp, "patch")
+        assert rows[exp] == [exp, m["mask"], str(m["epochs_run"]), f"{m['best_val_loss']:.5f}",
+                             f"{m['final_val_loss']:.5f}"], exp
     selected = json.loads((repo / "metrics/select.json").read_text())["selected"]
-    assert f"Selected encoder: {selected}" in table
+    assert selected in EXPERIMENTS and f"Selected encoder: {selected}" in table
+
+    def cells(m: dict) -> list[str]:  # a fine-tuning row as the table prints it: percentages, then MCC
+        keys = ("accuracy", "balanced_accuracy", *(f"recall_{c}" for c in CLASS_NAMES))
+        return [f"{100 * m[k]['mean']:.1f}%" for k in keys] + [f"{m['mcc']['mean']:.3f}"]
+
     finetune = json.loads((repo / "metrics/finetune.json").read_text())
-    accuracy = finetune["pretrained"]["accuracy"]["mean"]
-    out_of_fold = table.split("Fine-tuning, out of fold")[1]
-    assert f"{100 * accuracy:5.1f}%" in out_of_fold.split("pretrained")[1].splitlines()[0]
-    assert "majority" in table and "logreg" in table and "Ablation: not run" in table
+    out_of_fold = table[table.index("Fine-tuning, out of fold"):table.index("Label-efficiency curve")]
+    oof_rows = {line.split()[0]: line.split()[1:] for line in out_of_fold.splitlines() if line.startswith("  ")}
+    for init in ("pretrained", "scratch", "logreg", "majority"):
+        assert oof_rows[init] == cells(finetune[init]), init
+    assert "Ablation: not run" in table  # the tour leaves it out, and does not show the reference run's files
     # The held-out table and the curve: the tour's own sizes, numbers as the metrics files hold them.
     heldout = finetune["heldout"]
     assert heldout["windows"] == 300 and f"Held-out test set ({heldout['windows']} windows" in table
     lift = heldout["lift"]["accuracy"]
     assert f"accuracy {100 * lift['point']:+.1f} points [{100 * lift['ci_low']:+.1f}, {100 * lift['ci_high']:+.1f}]" in table
     curve = json.loads((repo / "metrics/label_curve.json").read_text())
-    assert list(curve["sizes"]) == ["20", "45", "89"] and curve["skipped_sizes"] == [] and curve["seeds"] == [1337]
+    assert sorted(curve["sizes"], key=int) == ["20", "45", "89"] and curve["skipped_sizes"] == []
+    assert curve["seeds"] == [1337]
     row = next(line for line in table.splitlines() if line.strip().startswith("45 "))
     assert f"{100 * curve['sizes']['45']['pretrained']['accuracy']['point']:5.1f}%" in row
-    shown = run(["dvc", "exp", "show", "--no-pager", "--csv"], repo).stdout
-    assert "scale.windows" in shown or "0.006" in shown
+
+    # `dvc exp show` lists the tour's experiment with the tour's params, and the workspace holds its results.
+    shown = list(csv.DictReader(io.StringIO(run(["dvc", "exp", "show", "--no-pager", "--csv"], repo).stdout)))
+    workspace = next(r for r in shown if r["rev"] == "workspace")
+    experiments = [r for r in shown if r["Experiment"]]
+    assert experiments, "dvc exp show lists no experiment after the tour"
+    for row in (workspace, experiments[0]):
+        assert (row["scale.windows"], row["scale.epochs"], row["finetune.folds"]) == ("0.006", "0.04", "2"), row
 
 
 def test_mask_override_reruns_only_what_follows_the_top_level_mask(toured):
@@ -79,14 +105,28 @@ def test_mask_override_reruns_only_what_follows_the_top_level_mask(toured):
     assert "pretrain@exp4_block_mask" not in ran and "pretrain@exp5_random_mask" not in ran
     assert "prepare" not in ran and not any(name.startswith("augment@") for name in ran)
 
-    params = run(["dvc", "params", "diff"], repo).stdout
-    assert "mask" in params and "patch" in params and "random" in params
+    params = json.loads(run(["dvc", "params", "diff", "--json"], repo).stdout)
+    assert params == {"params.yaml": {"mask": {"old": "patch", "new": "random"}}}  # the one param changed
     diff = run(["dvc", "metrics", "diff", "--json"], repo).stdout
     changed = json.loads(diff)
-    assert "metrics/pretrain/exp1_baseline.json" in changed
-    assert changed["metrics/pretrain/exp1_baseline.json"]["mask"]["new"] == "random"
+    for exp in ("exp1_baseline", "exp2_conservative", "exp3_aggressive"):
+        m = json.loads((repo / f"metrics/pretrain/{exp}.json").read_text())
+        assert changed[f"metrics/pretrain/{exp}.json"]["mask"] == {"old": "patch", "new": "random"}, exp
+        assert changed[f"metrics/pretrain/{exp}.json"]["best_val_loss"]["new"] == m["best_val_loss"], exp
     # Experiments that pin their own mask did not re-run: their metrics are unchanged.
     assert "metrics/pretrain/exp4_block_mask.json" not in changed
     assert "metrics/pretrain/exp5_random_mask.json" not in changed
+    # `dvc exp show`: the workspace and the new experiment (under the tour's commit) ran with mask random and
+    # carry the re-trained exp1's metrics; the commit itself keeps patch.
     shown = json.loads(run(["dvc", "exp", "show", "--json"], repo).stdout)
-    assert '"mask": "random"' in json.dumps(shown)
+    workspace = next(e for e in shown if e["rev"] == "workspace")
+    head = next(e for e in shown if e["rev"] != "workspace" and e.get("experiments"))
+    new = head["experiments"][0]["revs"][0]
+    exp1 = json.loads((repo / "metrics/pretrain/exp1_baseline.json").read_text())
+    for entry, mask in ((workspace, "random"), (new, "random"), (head, "patch")):
+        assert entry["data"]["params"]["params.yaml"]["data"]["mask"] == mask, entry["rev"]
+        metrics = entry["data"]["metrics"]
+        assert metrics["metrics/pretrain/exp1_baseline.json"]["data"]["mask"] == mask, entry["rev"]
+        assert metrics["metrics/pretrain/exp4_block_mask.json"]["data"]["mask"] == "block", entry["rev"]
+    for entry in (workspace, new):
+        assert entry["data"]["metrics"]["metrics/pretrain/exp1_baseline.json"]["data"] == exp1

@@ -15,7 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from moola.errors import MoolaError, run_main
+from moola.errors import run_main
 from moola.params import CLASS_NAMES, load_params
 
 # The tour: 4% of the windows and 10% of the pretraining epochs (8 for exp1), smaller batches so that each epoch
@@ -215,5 +215,3 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
-
-__all__ = ["main", "report", "run_experiment", "MoolaError"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import numpy as np
+from sklearn.dummy import DummyClassifier
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import (
     accuracy_score,
@@ -52,7 +53,7 @@ def classification_metrics(labels: np.ndarray, proba: np.ndarray) -> dict[str, f
     recalls = recall_score(labels, predicted, labels=LABELS, average=None, zero_division=0)
     out = {
         "accuracy": accuracy_score(labels, predicted),
-        "balanced_accuracy": float(np.mean(recalls)),
+        "balanced_accuracy": balanced_accuracy_score(labels, predicted),
         **{f"recall_{name}": recalls[i] for i, name in enumerate(CLASS_NAMES)},
         "macro_f1": f1_score(labels, predicted, labels=LABELS, average="macro", zero_division=0),
         "mcc": matthews_corrcoef(labels, predicted),
@@ -232,9 +233,10 @@ def window_features(values: np.ndarray) -> np.ndarray:
 
 def majority_proba(train_labels: np.ndarray, n_test: int) -> np.ndarray:
     """Always the training fold's majority class; probabilities = the training fold's class frequencies."""
-    freq = np.bincount(np.asarray(train_labels), minlength=len(LABELS)).astype(np.float64)
-    freq /= freq.sum()
-    return np.tile(freq, (n_test, 1))
+    model = DummyClassifier(strategy="prior").fit(np.zeros((len(train_labels), 1)), train_labels)
+    proba = np.zeros((n_test, len(LABELS)))
+    proba[:, model.classes_] = model.predict_proba(np.zeros((n_test, 1)))
+    return proba
 
 
 def logreg_proba(

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import torch
 from sklearn.model_selection import StratifiedKFold
+from sklearn.utils.class_weight import compute_class_weight
 from torch import nn
 
 from moola import evaluation
@@ -116,9 +117,12 @@ def fold_splits(labels: np.ndarray, folds: int, seed: int) -> list[tuple[np.ndar
 
 
 def class_weights(labels: np.ndarray) -> torch.Tensor:
-    """n / (classes * count): each class contributes equally, so the minority class cannot be ignored silently."""
-    counts = np.bincount(labels, minlength=len(CLASS_NAMES)).astype(np.float64)
-    return torch.tensor(len(labels) / (len(CLASS_NAMES) * np.maximum(counts, 1.0)), dtype=torch.float32)
+    """sklearn's "balanced" n / (classes * count): each class contributes equally, so the minority class cannot be
+    ignored silently. A class absent from `labels` is no target of the loss: its weight (1) decides nothing."""
+    present = np.unique(labels)
+    weights = np.ones(len(CLASS_NAMES))
+    weights[present] = compute_class_weight("balanced", classes=present, y=labels)
+    return torch.tensor(weights, dtype=torch.float32)
 
 
 def set_encoder_trainable(model: SimpleLSTM, trainable: bool) -> None:

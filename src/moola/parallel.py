@@ -32,7 +32,7 @@ LOG_DIR = Path(".moola/logs")
 # still fails on a lock (the per-output rwlock answers "is busy") failed before its command ran and is retried.
 LOCK_MESSAGES = ("Unable to acquire lock", "is busy, it is being blocked by")
 LOCK_RETRIES = 3
-# Read by moola.device.use_threads: a job's torch threads are min(pretrain.threads, this).
+# Read by moola.device.use_threads: on an accelerator a job's torch CPU threads (on the CPU: always the param's).
 THREAD_BUDGET_VAR = "MOOLA_THREAD_BUDGET"
 PEAK_MEMORY = re.compile(r"peak GPU memory [^\n]*")
 

@@ -1,10 +1,8 @@
 """Pretraining: teach a bidirectional LSTM to rebuild masked steps of unlabeled windows.
 
 `pretrain(train, val, experiment, seed)` is the whole loop; it takes arrays, not files. Same inputs, params and
-torch version => the same weights, byte for byte, on the CPU. With `resume_path` it saves its complete state
-at an epoch's end (model, optimiser, every random generator, best-so-far, history; at most every
-`resume_every_epochs` epochs and `resume_every_seconds` seconds) and, when started again with the same
-fingerprint, goes on from there as if it had never stopped.
+torch version => the same weights, byte for byte, on the CPU. With `resume_path` it keeps a resume checkpoint
+(moola.resume) and, when started again with the same fingerprint, goes on from there as if it had never stopped.
 
 No step waits on the host: the masks of a whole epoch are drawn on the CPU in one call (on an accelerator one
 epoch ahead, in a background thread), copied pinned and non-blocking, the masked steps are picked with index
@@ -16,29 +14,26 @@ bytes are those of the per-batch loop (tests/test_pretraining.py holds its refer
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import random
 import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 
-from moola import io
 from moola.device import describe, pick_device, use_threads
 from moola.errors import ParamsError, TrainingDiverged
 from moola.masking import make_mask
 from moola.models import BiLSTMMaskedAutoencoder
 from moola.numerics import Numerics, apply_cuda_settings, decide, dtype_name, probe_lstm_dtype
-from moola.params import FEATURES, PARAMS_FILE, Experiment, as_dict
+from moola.params import FEATURES, PARAMS_FILE, Experiment
+from moola.resume import ResumeCheckpoint, cpu_copy
 
-RESUME_DIR = Path(".moola/resume/pretrain")
-RESUME_FORMAT = "moola-pretrain-resume/2"
 NORMALISATION = "per-window min-max over the window's bars: (x - min(low)) / (max(high) - min(low))"
 
 Log = Callable[[str], None]
@@ -74,22 +69,7 @@ class PretrainResult:
         return {"best_val_loss": self.best_val_loss, "best_epoch": self.best_epoch, "epochs_run": self.epochs_run}
 
 
-@dataclass
-class _Progress:
-    """What survives an epoch boundary besides the model, optimiser and generators."""
-
-    epoch: int = 0  # last completed epoch
-    best_val_loss: float = math.inf
-    best_epoch: int = 0
-    best_state: dict[str, torch.Tensor] | None = None
-    history: list[tuple[int, float, float]] = field(default_factory=list)
-
-
 # --- small pure helpers -------------------------------------------------------------------------------------
-
-
-def resume_path_for(experiment: str, root: str | Path = ".") -> Path:
-    return Path(root) / RESUME_DIR / f"{experiment}.pt"
 
 
 def encoder_hyperparams(experiment: Experiment, window: int, numerics: dict | None = None) -> dict:
@@ -114,27 +94,6 @@ def encoder_hyperparams(experiment: Experiment, window: int, numerics: dict | No
     } | extra
 
 
-def file_digest(path: str | Path) -> str:
-    """size:sha256 of a file's bytes."""
-    sha = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            sha.update(chunk)
-    return f"{Path(path).stat().st_size}:{sha.hexdigest()}"
-
-
-def resume_fingerprint(experiment: Experiment, seed: int, data_digests: dict[str, str], device: str) -> str:
-    """sha256 of everything that decides the run's bytes: resolved params, input files, device type, torch."""
-    payload = {
-        "experiment": as_dict(experiment),
-        "seed": seed,
-        "data": data_digests,
-        "device": device,
-        "torch": torch.__version__,
-    }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
-
-
 def _stream_seed(seed: int, stream: str) -> int:
     """An independent seed per random stream (shuffle, masks, validation masks), all from the one seed."""
     return int.from_bytes(hashlib.sha256(f"{seed}:{stream}".encode()).digest()[:8], "little") >> 1
@@ -149,10 +108,6 @@ def seed_everything(seed: int) -> None:
 def _as_tensor(array) -> torch.Tensor:
     # np.array copies: the augmented file arrives memory-mapped and read-only.
     return torch.from_numpy(np.array(array, dtype=np.float32, copy=True))
-
-
-def _cpu_copy(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v.detach().to("cpu").clone() for k, v in state.items()}
 
 
 # --- masks of a whole epoch ---------------------------------------------------------------------------------
@@ -282,10 +237,9 @@ def pretrain(
     # strategy scores the same hidden steps, so their validation losses compare.
     val_masks = draw(len(val_x), torch.Generator().manual_seed(_stream_seed(seed, "validation"))).to(device)
 
-    progress = _Progress()
-    if resume_path is not None:
-        progress = _resume(Path(resume_path), fingerprint, numerics, model, optimizer, scaler, shuffle_gen,
-                           mask_gen, log) or progress
+    resume = ResumeCheckpoint(resume_path, fingerprint, numerics, cfg.resume_every_epochs, cfg.resume_every_seconds,
+                              log)
+    progress = resume.restore(model, optimizer, scaler, shuffle_gen, mask_gen)
 
     def diverged(epoch: int, which: str, value: float, where: str = "") -> TrainingDiverged:
         return TrainingDiverged(
@@ -303,7 +257,6 @@ def pretrain(
     show_bar = sys.stderr.isatty()
     seconds = 0.0
     samples_seen = 0
-    last_save = (progress.epoch, time.monotonic())
     try:
         for epoch in range(progress.epoch + 1, experiment.epochs + 1):
             patience = cfg.early_stopping_patience
@@ -376,17 +329,12 @@ def pretrain(
             improved = val_loss < progress.best_val_loss
             if improved:
                 progress.best_val_loss, progress.best_epoch = val_loss, epoch
-                progress.best_state = _cpu_copy(model.state_dict())
+                progress.best_state = cpu_copy(model.state_dict())
             log(
                 f"{experiment.name} epoch {epoch}/{experiment.epochs}: train loss {train_loss:.6f}, "
                 f"val loss {val_loss:.6f}{' (best)' if improved else ''}, {n_train / elapsed:,.0f} samples/s"
             )
-            due = (epoch - last_save[0] >= cfg.resume_every_epochs
-                   and time.monotonic() - last_save[1] >= cfg.resume_every_seconds)
-            if resume_path is not None and due:
-                _save_resume(Path(resume_path), fingerprint, numerics, progress, model, optimizer, scaler,
-                             shuffle_gen, mask_state)
-                last_save = (epoch, time.monotonic())
+            resume.save_if_due(progress, model, optimizer, scaler, shuffle_gen, mask_state)
     finally:
         hook.remove()
         if ahead is not None:
@@ -437,91 +385,3 @@ def _bar(total: int, desc: str):
     from tqdm import tqdm
 
     return tqdm(total=total, desc=desc, leave=False, unit="batch")
-
-
-# --- resume checkpoint --------------------------------------------------------------------------------------
-
-
-def _rng_states(shuffle_gen: torch.Generator, mask_state: torch.Tensor) -> dict:
-    np_state = np.random.get_state(legacy=False)
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "python": random.getstate(),
-        # numpy's key array travels as a tensor: weights_only loading accepts tensors, not numpy arrays.
-        "numpy": {
-            "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
-            "pos": int(np_state["state"]["pos"]),
-            "has_gauss": int(np_state["has_gauss"]),
-            "gauss": float(np_state["gauss"]),
-        },
-        "shuffle": shuffle_gen.get_state(),
-        # At the epoch boundary: before the next epoch's masks (which a background thread may already be drawing).
-        "mask": mask_state,
-    }
-
-
-def _set_rng_states(rng: dict, shuffle_gen: torch.Generator, mask_gen: torch.Generator) -> None:
-    torch.set_rng_state(rng["torch"])
-    if rng["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-    version, internal, gauss = rng["python"]
-    random.setstate((version, tuple(internal), gauss))
-    n = rng["numpy"]
-    np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
-    shuffle_gen.set_state(rng["shuffle"])
-    mask_gen.set_state(rng["mask"])
-
-
-def _save_resume(path, fingerprint, numerics: Numerics, progress, model, optimizer, scaler, shuffle_gen,
-                 mask_state) -> None:
-    io.write_torch(
-        path,
-        {
-            "format": RESUME_FORMAT,
-            "fingerprint": fingerprint,
-            # The arithmetic decided on this box (probe, TF32): a box that decides otherwise starts over.
-            "numerics": json.dumps(numerics.record(), sort_keys=True),
-            "epoch": progress.epoch,
-            "best_val_loss": progress.best_val_loss,
-            "best_epoch": progress.best_epoch,
-            "best_state": progress.best_state,
-            "history": [list(row) for row in progress.history],
-            "model": _cpu_copy(model.state_dict()),
-            "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else {},
-            "rng": _rng_states(shuffle_gen, mask_state),
-        },
-    )
-
-
-def _resume(path: Path, fingerprint, numerics: Numerics, model, optimizer, scaler, shuffle_gen, mask_gen,
-            log: Log) -> _Progress | None:
-    """Restore everything from a matching checkpoint; discard a stale or unreadable one."""
-    if not path.exists():
-        return None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        ok = isinstance(state, dict) and state.get("format") == RESUME_FORMAT
-    except Exception as exc:  # a damaged scratch file is never fatal: it is only a shortcut
-        log(f"Discarding unreadable resume checkpoint {path} ({type(exc).__name__})")
-        path.unlink()
-        return None
-    same = ok and state.get("numerics") == json.dumps(numerics.record(), sort_keys=True)
-    if not same or state.get("fingerprint") != fingerprint:
-        log(f"Discarding stale resume checkpoint {path} (written for other params, data, device, precision or torch)")
-        path.unlink()
-        return None
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    if scaler is not None:
-        scaler.load_state_dict(state["scaler"])
-    _set_rng_states(state["rng"], shuffle_gen, mask_gen)
-    log(f"Resuming from {path}: epoch {state['epoch']} done, best epoch {state['best_epoch']}")
-    return _Progress(
-        epoch=state["epoch"],
-        best_val_loss=state["best_val_loss"],
-        best_epoch=state["best_epoch"],
-        best_state=state["best_state"],
-        history=[(int(e), float(t), float(v)) for e, t, v in state["history"]],
-    )

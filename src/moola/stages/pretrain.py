@@ -18,19 +18,12 @@ import numpy as np
 import torch
 
 from moola import io
-from moola.device import describe, pick_device, use_threads
+from moola.device import pick_device
 from moola.errors import DataError, ParamsError, run_main
 from moola.models import count_parameters, save_encoder_checkpoint
 from moola.params import FEATURES, PARAMS_FILE, load_params
-from moola.pretraining import (
-    PretrainResult,
-    encoder_hyperparams,
-    file_digest,
-    log_line,
-    pretrain,
-    resume_fingerprint,
-    resume_path_for,
-)
+from moola.pretraining import PretrainResult, encoder_hyperparams, log_line, pretrain
+from moola.resume import file_digest, resume_fingerprint, resume_path_for
 from moola.windows import UNLABELED, read_windows
 
 
@@ -134,13 +127,12 @@ def main(argv: list[str] | None = None) -> None:
     if len(val) == 0:
         raise DataError(f"{UNLABELED}: no validation windows (raise data.val_fraction or scale.windows)")
 
-    device = pick_device(exp.train.device)
-    use_threads(device, exp.train.threads)
+    device = pick_device(exp.train.device)  # pretrain() sets its threads (moola.device.use_threads)
     batches = math.ceil(len(train) / exp.train.batch_size)
     log_line(
         f"Loaded {len(windows):,} unlabeled windows ({n_train:,} train, {len(val):,} validation); "
         f"{len(train):,} training samples after augmentation; {batches:,} batches per epoch; "
-        f"device {describe(device)}"
+        f"device {device.type}"
     )
     log_line(
         f"{exp.name}: {exp.epochs} epochs, mask {exp.mask} {exp.train.mask_ratio:g}, recipe {exp.train.augment}, "
@@ -179,7 +171,8 @@ def main(argv: list[str] | None = None) -> None:
     resume.unlink(missing_ok=True)
     log_line(
         f"{exp.name}: best val loss {result.best_val_loss:.6f} at epoch {result.best_epoch} of "
-        f"{result.epochs_run}; wrote {encoder_path(exp.name)} ({Path(encoder_path(exp.name)).stat().st_size:,} bytes)"
+        f"{result.epochs_run} on {result.device}; wrote {encoder_path(exp.name)} "
+        f"({Path(encoder_path(exp.name)).stat().st_size:,} bytes)"
     )
 
 

@@ -1,0 +1,142 @@
+"""Which pretrained encoder fine-tuning starts from: the selection rules, as pure functions (stage `select` reads
+the files and writes the result).
+
+Among the experiments whose encoder converged stably and fits SimpleLSTM, the lowest best validation loss wins.
+Stable means (thresholds in params.select, defaults from the reference document's red flags):
+  - every loss finite;
+  - learned: validation loss at select.check_epoch at most select.max_val_loss_at_check (a run shorter than
+    check_epoch is not judged on this);
+  - did not diverge: final validation loss at most select.max_final_over_best x its best;
+  - does not overfit: final validation loss at most select.max_val_over_train x the final training loss.
+Fits SimpleLSTM: the checkpoint loads and its forward hidden size equals finetune.hidden_size.
+Ties go to select.fallback (the reference document's choice when in doubt). No candidate passing is an error,
+never a silent pick.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from moola.errors import DataError
+from moola.params import PARAMS_FILE, SelectParams
+
+
+@dataclass
+class Candidate:
+    name: str
+    best_val_loss: float | None
+    best_epoch: int | None = None
+    final_val_loss: float | None = None
+    final_train_loss: float | None = None
+    epochs_run: int = 0
+    hidden_size: int | None = None
+    rejections: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return not self.rejections
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def assess(
+    name: str, metrics: dict, curve: pd.DataFrame, hidden_size: int | None, checkpoint_problem: str | None,
+    sp: SelectParams, expect_hidden: int,
+) -> Candidate:
+    """Judge one experiment from its metrics, its per-epoch curve and its checkpoint's architecture."""
+    best = metrics.get("best_val_loss")
+    cand = Candidate(name=name, best_val_loss=float(best) if _finite(best) else None, hidden_size=hidden_size)
+    cand.epochs_run = len(curve)
+    if curve.empty:
+        cand.rejections.append("no epochs in its loss curve")
+    elif cand.best_val_loss is None or not np.isfinite(curve[["train_loss", "val_loss"]].to_numpy()).all():
+        bad = curve["epoch"][~np.isfinite(curve[["train_loss", "val_loss"]].to_numpy()).all(axis=1)].tolist()
+        where = f" at epoch {bad[0]}" if bad else f" (best_val_loss {best!r})"
+        cand.rejections.append(f"non-finite loss{where}")
+    else:
+        val, train = curve["val_loss"].to_numpy(), curve["train_loss"].to_numpy()
+        best_row = int(val.argmin())
+        cand.best_epoch = int(curve["epoch"].iloc[best_row])
+        cand.final_val_loss, cand.final_train_loss = float(val[-1]), float(train[-1])
+        if len(curve) < sp.check_epoch:
+            # The red flag is defined at check_epoch (25 in the reference): a shorter run (a tour) cannot be judged.
+            cand.notes.append(
+                f"ran {len(curve)} epochs (< select.check_epoch {sp.check_epoch}): the did-not-learn check does not apply"
+            )
+        else:
+            check_row = sp.check_epoch - 1
+            if val[check_row] > sp.max_val_loss_at_check:
+                cand.rejections.append(
+                    f"did not learn: val loss {val[check_row]:.4g} at epoch {sp.check_epoch} > "
+                    f"select.max_val_loss_at_check {sp.max_val_loss_at_check:g}"
+                )
+        if val[-1] > sp.max_final_over_best * val[best_row]:
+            cand.rejections.append(
+                f"diverged: final val loss {val[-1]:.4g} is {val[-1] / val[best_row]:.2f}x its best "
+                f"{val[best_row]:.4g} (epoch {cand.best_epoch}) > select.max_final_over_best {sp.max_final_over_best:g}"
+            )
+        if val[-1] > sp.max_val_over_train * train[-1]:
+            cand.rejections.append(
+                f"overfits: final val loss {val[-1]:.4g} is {val[-1] / train[-1]:.2f}x the final train loss "
+                f"{train[-1]:.4g} > select.max_val_over_train {sp.max_val_over_train:g}"
+            )
+    if checkpoint_problem is not None:
+        cand.rejections.append(f"checkpoint unusable: {checkpoint_problem}")
+    elif hidden_size != expect_hidden:
+        cand.rejections.append(
+            f"architecture: forward hidden size {hidden_size}, SimpleLSTM needs {expect_hidden} (finetune.hidden_size)"
+        )
+    return cand
+
+
+def choose(candidates: list[Candidate], fallback: str) -> Candidate:
+    """The lowest best validation loss among those that passed; an exact tie goes to `fallback`, then to order."""
+    passed = [c for c in candidates if c.passed]
+    if not passed:
+        why = "; ".join(f"{c.name}: {', '.join(c.rejections)}" for c in candidates)
+        raise DataError(f"{PARAMS_FILE}: no encoder passed the select thresholds ({why})")
+    order = {c.name: i for i, c in enumerate(candidates)}
+    return min(passed, key=lambda c: (c.best_val_loss, c.name != fallback, order[c.name]))
+
+
+def reason(c: Candidate, chosen: Candidate, n_passed: int) -> str:
+    """Why `c` was chosen, passed over or rejected, with its notes."""
+    if c is chosen:
+        text = f"chosen: lowest best val loss {c.best_val_loss:.4g} among {n_passed} stable encoder(s)"
+    elif c.passed:
+        text = f"stable, but best val loss {c.best_val_loss:.4g} >= {chosen.best_val_loss:.4g} of {chosen.name}"
+    else:
+        text = "rejected: " + "; ".join(c.rejections)
+    return text + "".join(f" [{note}]" for note in c.notes)
+
+
+def selection_report(candidates: list[Candidate], chosen: Candidate, encoder: str) -> dict:
+    """metrics/select.json: the choice (`encoder`: the chosen file) and, for every candidate, its numbers and why."""
+    n_passed = sum(c.passed for c in candidates)
+    return {
+        "selected": chosen.name,
+        "best_val_loss": chosen.best_val_loss,
+        "encoder": encoder,
+        "stable_candidates": n_passed,
+        "candidates": {
+            c.name: {
+                "chosen": c is chosen,
+                "passed": c.passed,
+                "best_val_loss": c.best_val_loss,
+                "best_epoch": c.best_epoch,
+                "final_val_loss": c.final_val_loss,
+                "final_train_loss": c.final_train_loss,
+                "epochs_run": c.epochs_run,
+                "hidden_size": c.hidden_size,
+                "reason": reason(c, chosen, n_passed),
+            }
+            for c in candidates
+        },
+    }
