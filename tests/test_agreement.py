@@ -52,3 +52,33 @@ def test_every_experiment_trains_on_the_recipe_params_yaml_gives_it():
         own_mask = "mask" in (overrides or {})
         expected = f"experiments.{name}.mask" if own_mask else "mask"
         assert foreach[name]["mask_from"] == expected, f"dvc.yaml pretrain.foreach.{name}.mask_from"
+
+
+def _declared_outputs(dvc: dict) -> set[str]:
+    """Every path dvc.yaml names as a stage's outs, metrics or plots (foreach templates as written)."""
+    found = set()
+    for stage in dvc["stages"].values():
+        body = stage.get("do", stage)
+        for key in ("outs", "metrics", "plots"):
+            for entry in body.get(key, []):
+                found.add(next(iter(entry)) if isinstance(entry, dict) else entry)
+    return found
+
+
+def test_moola_paths_and_dvc_yaml_name_the_same_outputs():
+    from moola import finetuning, paths
+
+    dvc = _load("dvc.yaml")
+    templated = {
+        paths.augmented("${key}"), paths.encoder("${key}"), paths.pretrain_metrics("${key}"),
+        paths.pretrain_curve("${key}"), paths.ablation_metrics("${key}"),
+        *(paths.confusion(init) for init in finetuning.NETWORK_INITS),
+    }
+    constants = {value for name, value in vars(paths).items()
+                 if name.isupper() and isinstance(value, str) and name != "RUNTIME_DIR"}
+    assert _declared_outputs(dvc) == constants | templated
+    assert dvc["metrics"] == [paths.RUNTIME_DIR]
+    # The example files are params.yaml's defaults for prepare's inputs.
+    data = _load("params.yaml")["data"]
+    assert (data["bars"], data["labels"], data["test_labels"]) == (
+        paths.EXAMPLE_BARS, paths.EXAMPLE_LABELS, paths.EXAMPLE_TEST_LABELS)

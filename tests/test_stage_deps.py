@@ -33,6 +33,7 @@ PLUMBING = (
     "src/moola/errors.py",  # error types, the one-line `error: ...` and exit 2
     "src/moola/io.py",  # atomic writers (temporary file, then rename)
     "src/moola/validation.py",  # params.yaml type and range checks, and their error texts
+    "src/moola/paths.py",  # where each output lives (the same paths as dvc.yaml; test_agreement.py)
 )
 
 DATA_STAGES = ["example_market", "prepare", "augment@warp12_x4", "augment@warp10_x3", "augment@warp15_x5"]

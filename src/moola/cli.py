@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from moola import paths
 from moola.errors import run_main
 from moola.params import CLASS_NAMES, load_params
 
@@ -100,17 +101,17 @@ def report(root: Path = Path("."), ablation: bool = True) -> str:
     lines = ["Pretraining (validation loss = masked-step MSE on held-out windows)"]
     lines.append(f"  {'experiment':<20} {'mask':<7} {'epochs':>6} {'best val':>10} {'final val':>10}")
     for exp in p.experiments:
-        m = _load(root / f"metrics/pretrain/{exp}.json")
+        m = _load(root / paths.pretrain_metrics(exp))
         if m is None:
             lines.append(f"  {exp:<20} (not run)")
             continue
         lines.append(
             f"  {exp:<20} {m['mask']:<7} {m['epochs_run']:>6} {m['best_val_loss']:>10.5f} {m['final_val_loss']:>10.5f}"
         )
-    chosen = _load(root / "metrics/select.json")
+    chosen = _load(root / paths.SELECT_METRICS)
     if chosen:
         lines.append(f"Selected encoder: {chosen.get('selected')}")
-    ft = _load(root / "metrics/finetune.json")
+    ft = _load(root / paths.FINETUNE_METRICS)
     lines += [""] + heldout_lines((ft or {}).get("heldout"))
     header = f"  {'model':<26} {'accuracy':>9} {'balanced':>9} {'recall c0':>10} {'recall c1':>10} {'MCC':>6}"
     lines += ["", "Fine-tuning, out of fold (mean over seeds; c0 consolidation, c1 retracement)", header]
@@ -138,8 +139,8 @@ def report(root: Path = Path("."), ablation: bool = True) -> str:
             )
     else:
         lines.append("  (not run)")
-    lines += [""] + curve_lines(_load(root / "metrics/label_curve.json"))
-    found = [(exp, _load(root / f"metrics/ablation/{exp}.json")) for exp in p.experiments] if ablation else []
+    lines += [""] + curve_lines(_load(root / paths.CURVE_METRICS))
+    found = [(exp, _load(root / paths.ablation_metrics(exp))) for exp in p.experiments] if ablation else []
     if any(m for _, m in found):
         lines += ["", "Ablation: the same fine-tuning from each encoder (out of fold)", header]
         lines += [row(f"from {exp}", (m or {}).get("pretrained")) for exp, m in found]

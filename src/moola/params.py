@@ -14,6 +14,7 @@ from typing import Any, Literal, Mapping
 
 import yaml
 
+from moola import paths
 from moola.errors import ParamsError
 from moola.validation import PARAMS_FILE, apply_rules, build, convert, type_name
 
@@ -53,11 +54,11 @@ class ScaleParams:
 @dataclass(frozen=True)
 class DataParams:
     # The files prepare reads (and dvc.yaml lists as its deps): the example_market stage's, or a user's own.
-    bars: str = "data/example/bars.parquet"
-    labels: str = "data/example/labels.csv"
+    bars: str = paths.EXAMPLE_BARS
+    labels: str = paths.EXAMPLE_LABELS
     # Held-out labeled windows (same format as labels.csv), read only by the evaluation stages. A file without
     # rows (data/no_test_labels.csv) means no held-out set.
-    test_labels: str = "data/example/test_labels.csv"
+    test_labels: str = paths.EXAMPLE_TEST_LABELS
     window: int = _f(105, positive=True)
     unlabeled_windows: int = _f(11873, positive=True)
     # Fine-tuning uses the first labeled_windows rows of labels.csv (all of them if it has fewer).

@@ -25,17 +25,13 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from moola import paths
 from moola.errors import DataError
 from moola.params import CLASS_NAMES, FEATURES
 
 PRICE_COLUMNS = list(FEATURES)
-# Where the prepare stage writes its windows (dvc.yaml names the same paths).
-UNLABELED = "data/prepared/unlabeled_windows.parquet"
-LABELED = "data/prepared/labeled_windows.parquet"
-# The whole labels.csv (the label-efficiency curve's pool; LABELED is its first data.labeled_windows rows) and the
-# held-out windows, which only the evaluation stages read.
-LABEL_POOL = "data/prepared/label_pool.parquet"
-TEST = "data/prepared/test_windows.parquet"
+# Where the prepare stage writes its windows (moola.paths names every output once).
+UNLABELED, LABELED, LABEL_POOL, TEST = paths.UNLABELED, paths.LABELED, paths.LABEL_POOL, paths.TEST
 
 
 @dataclass(frozen=True)

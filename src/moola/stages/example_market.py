@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from moola import io, market
+from moola import io, market, paths
 from moola.errors import run_main
 from moola.params import load_params
 
-BARS = "data/example/bars.parquet"
-LABELS = "data/example/labels.csv"
-TEST_LABELS = "data/example/test_labels.csv"
+BARS, LABELS, TEST_LABELS = paths.EXAMPLE_BARS, paths.EXAMPLE_LABELS, paths.EXAMPLE_TEST_LABELS
 
 
 def main() -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from moola import finetuning, io
+from moola import finetuning, io, paths
 from moola.device import describe, pick_device, use_threads
 from moola.errors import DataError, ParamsError, run_main
 from moola.evaluation import success_criteria
@@ -22,19 +22,19 @@ from moola.numerics import apply_cuda_settings, attention_kernels
 from moola.params import CLASS_NAMES, PARAMS_FILE, Params, load_params
 from moola.windows import read_windows
 
-LABELED = Path("data/prepared/labeled_windows.parquet")
-# Read only here (the evaluation) and only after training: see finetuning.run_oof.
-TEST = Path("data/prepared/test_windows.parquet")
-SELECTED_ENCODER = Path("data/selected/encoder.pt")
-OOF_PREDICTIONS = Path("data/finetune/oof_predictions.parquet")
-FINETUNE_METRICS = Path("metrics/finetune.json")
-CONFUSION = {init: Path(f"plots/finetune/confusion_{init}.csv") for init in finetuning.NETWORK_INITS}
-CURVES = Path("plots/finetune/curves.csv")
+LABELED = Path(paths.LABELED)
+# Read only here and by label_curve (the evaluations), and only after training: see finetuning.run_oof.
+TEST = Path(paths.TEST)
+SELECTED_ENCODER = Path(paths.SELECTED_ENCODER)
+OOF_PREDICTIONS = Path(paths.OOF_PREDICTIONS)
+FINETUNE_METRICS = Path(paths.FINETUNE_METRICS)
+CONFUSION = {init: Path(paths.confusion(init)) for init in finetuning.NETWORK_INITS}
+CURVES = Path(paths.FINETUNE_CURVES)
 ALL_INITS = finetuning.NETWORK_INITS + finetuning.REFERENCE_INITS
 
 
 def ablation_metrics_path(exp: str) -> Path:
-    return Path("metrics/ablation") / f"{exp}.json"
+    return Path(paths.ablation_metrics(exp))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.encoder is not None:
         encoder = args.encoder
     elif args.ablation is not None:
-        encoder = Path("data/pretrained") / f"{args.ablation}_encoder.pt"
+        encoder = Path(paths.encoder(args.ablation))
     else:
         encoder = SELECTED_ENCODER
     run(p, encoder, args.ablation)

@@ -12,24 +12,24 @@ from pathlib import Path
 
 import pandas as pd
 
-from moola import io, label_curve
+from moola import io, label_curve, paths
 from moola.device import describe, pick_device, use_threads
 from moola.errors import DataError, run_main
 from moola.finetuning import FinetuneConfig
 from moola.models import load_encoder_checkpoint
 from moola.numerics import apply_cuda_settings, attention_kernels
 from moola.params import Params, load_params
-from moola.windows import LABEL_POOL, TEST, read_windows
+from moola.windows import read_windows
 
-SELECTED_ENCODER = Path("data/selected/encoder.pt")
-CURVE_METRICS = Path("metrics/label_curve.json")
-CURVE_PLOT = Path("plots/label_curve.csv")
+SELECTED_ENCODER = Path(paths.SELECTED_ENCODER)
+CURVE_METRICS = Path(paths.CURVE_METRICS)
+CURVE_PLOT = Path(paths.CURVE_PLOT)
 
 
 def run(p: Params) -> None:
     ft, c = p.finetune, p.curve
-    pool, test = read_windows(LABEL_POOL), read_windows(TEST)
-    for path, windows in ((LABEL_POOL, pool), (TEST, test)):
+    pool, test = read_windows(paths.LABEL_POOL), read_windows(paths.TEST)
+    for path, windows in ((paths.LABEL_POOL, pool), (paths.TEST, test)):
         if len(windows) and windows.label is None:
             raise DataError(f"{path}: column 'label' missing (expected labeled windows)")
     if len(test) == 0:

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from moola import io
+from moola import io, paths
 from moola.device import pick_device
 from moola.errors import DataError, ParamsError, run_main
 from moola.models import count_parameters, save_encoder_checkpoint
@@ -27,20 +27,8 @@ from moola.resume import file_digest, resume_fingerprint, resume_path_for
 from moola.windows import UNLABELED, read_windows
 
 
-def encoder_path(experiment: str) -> str:
-    return f"data/pretrained/{experiment}_encoder.pt"
-
-
-def metrics_path(experiment: str) -> str:
-    return f"metrics/pretrain/{experiment}.json"
-
-
-def plots_path(experiment: str) -> str:
-    return f"plots/pretrain/{experiment}.csv"
-
-
 def runtime_path(experiment: str) -> str:
-    return f"metrics/runtime/pretrain_{experiment}.json"
+    return paths.runtime(f"pretrain_{experiment}")
 
 
 def load_augmented(path: Path, rows: int, window: int, recipe: str) -> np.ndarray:
@@ -146,11 +134,11 @@ def main(argv: list[str] | None = None) -> None:
     result = pretrain(train, val, exp, p.seed, device=device, resume_path=resume, fingerprint=fingerprint)
 
     save_encoder_checkpoint(
-        encoder_path(exp.name), result.model, encoder_hyperparams(exp, p.data.window, result.numerics),
+        paths.encoder(exp.name), result.model, encoder_hyperparams(exp, p.data.window, result.numerics),
         result.training,
     )
-    io.write_json(metrics_path(exp.name), metrics(result, exp))
-    io.write_text(plots_path(exp.name), plot_csv(result))
+    io.write_json(paths.pretrain_metrics(exp.name), metrics(result, exp))
+    io.write_text(paths.pretrain_curve(exp.name), plot_csv(result))
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
     if peak is not None:
         log_line(f"{exp.name}: peak GPU memory {peak:,.0f} MiB")  # moola parallel repeats this line per job
@@ -171,8 +159,8 @@ def main(argv: list[str] | None = None) -> None:
     resume.unlink(missing_ok=True)
     log_line(
         f"{exp.name}: best val loss {result.best_val_loss:.6f} at epoch {result.best_epoch} of "
-        f"{result.epochs_run} on {result.device}; wrote {encoder_path(exp.name)} "
-        f"({Path(encoder_path(exp.name)).stat().st_size:,} bytes)"
+        f"{result.epochs_run} on {result.device}; wrote {paths.encoder(exp.name)} "
+        f"({Path(paths.encoder(exp.name)).stat().st_size:,} bytes)"
     )
 
 

@@ -11,27 +11,27 @@ from pathlib import Path
 
 import pandas as pd
 
-from moola import io
+from moola import io, paths
 from moola.errors import CheckpointDamaged, CheckpointError, DataError, run_main
 from moola.models import load_encoder_checkpoint
 from moola.params import PARAMS_FILE, load_params
 from moola.selection import assess, choose, selection_report
 
-SELECTED_ENCODER = Path("data/selected/encoder.pt")
-SELECT_METRICS = Path("metrics/select.json")
+SELECTED_ENCODER = Path(paths.SELECTED_ENCODER)
+SELECT_METRICS = Path(paths.SELECT_METRICS)
 CURVE_COLUMNS = ("epoch", "train_loss", "val_loss")
 
 
 def encoder_path(exp: str) -> Path:
-    return Path("data/pretrained") / f"{exp}_encoder.pt"
+    return Path(paths.encoder(exp))
 
 
 def metrics_path(exp: str) -> Path:
-    return Path("metrics/pretrain") / f"{exp}.json"
+    return Path(paths.pretrain_metrics(exp))
 
 
 def curve_path(exp: str) -> Path:
-    return Path("plots/pretrain") / f"{exp}.csv"
+    return Path(paths.pretrain_curve(exp))
 
 
 def read_curve(path: Path) -> pd.DataFrame:
