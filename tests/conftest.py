@@ -2,20 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-
-# What a temporary copy of the repository holds: the project itself, never its data, cache or git history.
-COPIED = ["src", "params.yaml", "dvc.yaml", "pyproject.toml", ".dvcignore", ".gitignore", "scripts",
-          "data/no_test_labels.csv"]
+from benchmarks import repo_copy
+from benchmarks.repo_copy import ROOT, deep_update, run  # noqa: F401  (the tests import them from here)
 
 # Small enough for seconds per stage on 2 cores, large enough that every stage has real work.
 TINY = {
@@ -29,59 +21,9 @@ TINY = {
 }
 
 
-def deep_update(base: dict, overrides: dict) -> dict:
-    out = dict(base)
-    for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_update(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
-def write_params(repo: Path, overrides: dict) -> dict:
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params = deep_update(params, overrides)
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    return params
-
-
-def run(cmd: list[str] | str, cwd: Path, check: bool = True, env: dict | None = None, timeout: float = 600):
-    """Run a real command; on failure show its output in the assertion message."""
-    full_env = {**os.environ, **(env or {})}
-    full_env["PYTHONPATH"] = str(cwd / "src") + os.pathsep + full_env.get("PYTHONPATH", "")
-    full_env.setdefault("DVC_NO_ANALYTICS", "1")
-    full_env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + full_env.get("PATH", "")
-    proc = subprocess.run(
-        cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout, shell=isinstance(cmd, str)
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{cmd} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
-    return proc
-
-
 def make_repo(dest: Path, overrides: dict | None = None, git: bool = True) -> Path:
     """A fresh, committed git + DVC repository holding the project at TINY scale (plus `overrides`)."""
-    dest.mkdir(parents=True, exist_ok=True)
-    for name in COPIED:
-        src = ROOT / name
-        if src.is_dir():
-            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-        elif src.exists():
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / name)
-    write_params(dest, deep_update(TINY, overrides or {}))
-    if git:
-        run(["git", "init", "-q", "-b", "main"], dest)
-        run(["git", "config", "user.email", "test@moola"], dest)
-        run(["git", "config", "user.name", "moola tests"], dest)
-        run(["dvc", "init", "-q"], dest)
-        run(["dvc", "config", "core.analytics", "false"], dest)
-        # The project's plot templates (dvc init has just made .dvc/).
-        shutil.copytree(ROOT / ".dvc" / "plots", dest / ".dvc" / "plots")
-        run(["git", "add", "-A"], dest)
-        run(["git", "commit", "-q", "-m", "tiny moola"], dest)
-    return dest
+    return repo_copy.make_repo(dest, deep_update(TINY, overrides or {}), git=git)
 
 
 @pytest.fixture

@@ -1,32 +1,28 @@
-"""The benchmark harness at tiny shapes: its table, its JSON and its helpers (structure and sanity, not timings)."""
+"""The benchmark harness (benchmarks/, outside the package) at tiny shapes: its table, its JSON and its helpers
+(structure and sanity, not timings), and that it times the data the stages make."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from moola import bench
+from benchmarks import harness, measure_data, measure_training, report
+from conftest import ROOT, make_repo, run
+from moola import throughput
 from moola.augment import augment_windows
-from moola.errors import MoolaError
-from moola.params import load_params
+from moola.params import ScaleParams, load_params
 from moola.windows import cut_windows, normalise
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_bench(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "DVC_NO_ANALYTICS": "1",
-           "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")}
-    return subprocess.run([sys.executable, "-m", "moola.bench", *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=600)
+    """python -m benchmarks from the repository root, as BENCHMARKS.md runs it."""
+    return run([sys.executable, "-m", "benchmarks", *args], ROOT, check=False)
 
 
 def positive(x) -> bool:
@@ -46,11 +42,13 @@ def test_quick_run_prints_the_table_and_writes_the_json(tmp_path):
         assert row in table, f"{row!r} missing from:\n{table}"
 
     r = json.loads(out.read_text())
-    assert r["format"] == bench.BENCH_FORMAT and r["quick"] is True
-    assert r["command"].startswith("python -m moola.bench --quick")
+    assert r["format"] == throughput.REPORT_FORMAT and r["quick"] is True
+    assert r["command"].startswith("python -m benchmarks --quick")
     m = r["machine"]
     assert m["torch"] == torch.__version__ and m["cpu"] and positive(m["cpu_cores"]) and m["device"].startswith("cpu")
     assert len(m["load_average_at_start"]) == 3 and len(m["load_average_at_end"]) == 3
+    bf16 = harness.bf16_support(torch.device("cpu"))
+    assert m["bf16_autocast_lstm"] == (True if bf16[0] else f"no: {bf16[1]}")
 
     t = r["training"]
     for key in ("bare_lstm", "model", "loop"):
@@ -84,51 +82,75 @@ def test_quick_run_prints_the_table_and_writes_the_json(tmp_path):
 def test_absent_device_is_a_one_line_error():
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    with pytest.raises(MoolaError, match="no cuda device"):
-        bench.resolve_device("cuda")
-    with pytest.raises(MoolaError, match="must be one of"):
-        bench.resolve_device("tpu")
     proc = run_bench("--device", "cuda", "--json", "/nonexistent/never-written.json")
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == ["error: --device cuda: this machine has no cuda device (use auto or cpu)"]
+    assert proc.stderr.strip().splitlines() == [
+        "error: --device is 'cuda' but this machine has no cuda device (use auto or cpu)"]
+    proc = run_bench("--device", "tpu")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == ["error: --device must be one of auto, cpu, cuda, mps, got 'tpu'"]
 
 
-def test_auto_device_and_dtype_handling_for_every_device_type():
-    mps = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
-    assert bench.resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu")
-    assert bench.resolve_device("cpu") == torch.device("cpu")
+def test_dtype_handling_for_every_device_type():
     for kind in ("cpu", "cuda", "mps"):  # pure arguments: no device needed to build them
         device = torch.device(kind)
-        assert bench.autocast_args(device, "bf16") == {"device_type": kind, "dtype": torch.bfloat16, "enabled": True}
-        assert bench.autocast_args(device, "fp32")["enabled"] is False
-        assert bench.autocast_args(device, "fp16") == {"device_type": kind, "dtype": torch.float16, "enabled": True}
+        assert throughput.autocast_args(device, "bf16") == {"device_type": kind, "dtype": torch.bfloat16,
+                                                            "enabled": True}
+        assert throughput.autocast_args(device, "fp32")["enabled"] is False
+        assert throughput.autocast_args(device, "fp16") == {"device_type": kind, "dtype": torch.float16,
+                                                            "enabled": True}
     with pytest.raises(ValueError, match="fp32, bf16 or fp16"):
-        bench.autocast_args(torch.device("cpu"), "fp64")
-    bench.sync(torch.device("cpu"))  # a no-op, never an error
+        throughput.autocast_args(torch.device("cpu"), "fp64")
+    throughput.sync(torch.device("cpu"))  # a no-op, never an error
 
 
-def test_bf16_support_answers_with_a_reason():
-    ok, reason = bench.bf16_support(torch.device("cpu"))
-    assert isinstance(ok, bool)
-    assert ok or reason  # refused: the first line of why (oneDNN's LSTM on CPUs without AVX512-BF16 / AMX)
+def test_bf16_support_says_what_a_bf16_training_step_really_does():
+    cpu = torch.device("cpu")
+    ok, reason = harness.bf16_support(cpu)
+    stepper = throughput.bare_lstm_stepper(4, 12, 8, cpu, "bf16", 1e-2, threads=1)
+    x = torch.rand(4, 12, 4)
+    try:
+        with torch.autocast(**throughput.autocast_args(cpu, "bf16")):
+            lstm_dtype = stepper.model.lstm(x)[0].dtype
+        before = stepper.model.lstm.weight_hh_l0.detach().clone()
+        stepper.run(1)
+        trained = not torch.equal(before, stepper.model.lstm.weight_hh_l0)
+    except RuntimeError as exc:  # oneDNN's CPU LSTM refuses bf16 without AVX512-BF16 / AMX
+        lstm_dtype, trained, refusal = None, False, str(exc).strip().splitlines()[0]
+    if ok:
+        assert reason == "" and lstm_dtype == torch.bfloat16 and trained
+    else:
+        assert reason and "\n" not in reason and len(reason) <= 160
+        assert lstm_dtype != torch.bfloat16 or not trained
+        if lstm_dtype is None:
+            assert reason == refusal[:160]
+        else:
+            assert reason == f"under bf16 autocast the LSTM runs in {str(lstm_dtype).removeprefix('torch.')}"
+
+
+def test_bf16_support_refuses_when_autocast_runs_the_lstm_in_another_dtype(monkeypatch):
+    # What cuDNN's autocast wrapper does on some GPUs (moola.numerics): asked for bf16, the LSTM runs in float16.
+    monkeypatch.setattr("moola.numerics.probe_lstm_dtype", lambda device, dtype: ("float16", ""))
+    assert harness.bf16_support(torch.device("cpu")) == (False, "under bf16 autocast the LSTM runs in float16")
 
 
 def test_steppers_train_and_time_on_random_tensors():
-    stepper = bench.bare_lstm_stepper(4, 12, 8, torch.device("cpu"), "fp32", 1e-2, threads=1)
+    stepper = throughput.bare_lstm_stepper(4, 12, 8, torch.device("cpu"), "fp32", 1e-2, threads=1)
     before = stepper.model.lstm.weight_hh_l0.detach().clone()
     assert stepper.run(2) > 0
     assert not torch.equal(before, stepper.model.lstm.weight_hh_l0)  # it really trained
-    time_major = bench.bare_lstm_stepper(4, 12, 8, torch.device("cpu"), "fp32", 1e-2, onednn=False, time_major=True)
+    time_major = throughput.bare_lstm_stepper(4, 12, 8, torch.device("cpu"), "fp32", 1e-2, onednn=False,
+                                              time_major=True)
     assert time_major.run(1) > 0
 
 
-def test_tries_compare_variants_with_the_baseline(monkeypatch):
-    monkeypatch.chdir(ROOT)  # the OpenMP try starts workers that read params.yaml
+def test_tries_compare_variants_with_the_baseline(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)  # the OpenMP try's worker processes need no params.yaml: their arguments say it all
     p = load_params(ROOT / "params.yaml")
-    s = bench.Settings(batch_size=4, steps=1, repeats=1, warmup=0, windows_scale=0.01, data_repeats=1, threads=1,
+    s = harness.Settings(batch_size=4, steps=1, repeats=1, warmup=0, windows_scale=0.01, data_repeats=1, threads=1,
                        precision="fp32", device=torch.device("cpu"), dvc=False, tries=True, share=0, quick=True)
     p = dataclasses.replace(p, pretrain=dataclasses.replace(p.pretrain, hidden_size=8))
-    tries = bench.bench_tries(p, s, 12, (False, "refused here"))
+    tries = measure_training.bench_tries(p, s, 12, (False, "refused here"))
     names = [t["name"] for t in tries]
     assert names[0] == "baseline fp32" and tries[0]["vs_baseline"] == 1.0
     assert {"batch 1", "batch 2", "batch 8", "time-major input (batch_first=False)", "model alone",
@@ -145,11 +167,11 @@ def test_per_window_baselines_compute_what_the_vectorised_code_does():
     close = 100 + np.cumsum(rng.normal(size=400))
     prices = np.stack([close, close + 1, close - 1, close + 0.5], axis=1)
     starts = np.arange(0, 300, 10)
-    np.testing.assert_allclose(bench.windows_per_window_loop(prices, starts, 50),
+    np.testing.assert_allclose(measure_data.windows_per_window_loop(prices, starts, 50),
                                normalise(cut_windows(prices, starts, 50)), atol=1e-6)
     windows = normalise(cut_windows(prices, starts, 50))
     kwargs = dict(multiplier=2, time_warp_sigma=0.12, jitter_sigma=0.01, scaling_sigma=0.05, knots=4, seed=3)
-    looped = bench.augment_per_window_loop(windows, **kwargs)
+    looped = measure_data.augment_per_window_loop(windows, **kwargs)
     vectorised = augment_windows(windows, **kwargs)[len(windows):]
     assert looped.shape == vectorised.shape and looped.dtype == np.float32
     # Different draws, the same transforms: the copies stay close to the originals alike.
@@ -159,11 +181,33 @@ def test_per_window_baselines_compute_what_the_vectorised_code_does():
 
 def test_spec_estimate_is_epochs_times_samples_over_rate():
     p = load_params(ROOT / "params.yaml")
-    e = bench.spec_estimate(p, loop_sps=1000.0, epoch_other_s=2.0, finetune_epoch_s=0.5, prepare_s=3.0,
-                            augment_s_per_window=1e-5, train_windows=9498)
+    e = report.spec_estimate(p, loop_sps=1000.0, epoch_other_s=2.0, finetune_epoch_s=0.5, prepare_s=3.0,
+                               augment_s_per_window=1e-5, train_windows=9498)
     exp1 = e["experiments"]["exp1_baseline"]
     assert exp1["train_samples"] == 9498 * 5 and exp1["seconds"] == pytest.approx(75 * (47.490 + 2.0))
     assert e["experiments"]["exp3_aggressive"]["seconds"] == pytest.approx(100 * (9498 * 6 / 1000 + 2.0))
     assert e["finetune_seconds"] == pytest.approx(105 * 60 * 0.5)
     assert e["total_seconds"] == pytest.approx(
         3.0 + 9498 * (4 + 3 + 5) * 1e-5 + e["pretrain_seconds"] + e["finetune_seconds"])
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_the_bench_augments_what_the_augment_stage_writes(tmp_path):
+    """Same params -> the same windows: the bench times the stages' own data, its seed formula included."""
+    scale = 0.01
+    repo = make_repo(tmp_path / "repo", {"scale": {"windows": scale}}, git=False)
+    recipe = load_params(ROOT / "params.yaml").experiment(throughput.SPEC_EXPERIMENT).train.augment
+    for stage in (["example_market"], ["prepare"], ["augment", "--recipe", recipe]):
+        run([sys.executable, "-m", f"moola.stages.{stage[0]}", *stage[1:]], repo)
+    written = np.load(repo / f"data/augmented/{recipe}.npy")
+
+    p = load_params(ROOT / "params.yaml")
+    p = dataclasses.replace(p, scale=ScaleParams(windows=scale, epochs=1.0))
+    s = harness.Settings(batch_size=4, steps=1, repeats=1, warmup=0, windows_scale=scale, data_repeats=1, threads=1,
+                         precision="fp32", device=torch.device("cpu"), dvc=False, tries=False, share=0, quick=True)
+    figures, arrays = measure_data.bench_data(p, s)
+    multiplier = p.augment.recipes[recipe].multiplier
+    assert figures["augment"]["recipe"] == recipe
+    assert len(written) == (1 + multiplier) * figures["augment"]["train_windows"] > 0
+    assert arrays["train"].dtype == written.dtype and np.array_equal(arrays["train"], written)

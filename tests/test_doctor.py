@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from moola.bench import BENCH_FORMAT
 from moola.doctor import cuda_verdict
+from moola.throughput import REPORT_FORMAT
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,7 +59,7 @@ def test_cpu_path_prints_what_runs_and_writes_bench_json_format(tmp_path):
     assert "TF32 off (pretrain.tf32: False)" in text
     assert "bare LSTM" in text and "real loop" in text and "ratio" in text and "--share 1:" in text
     r = json.loads(out.read_text())
-    assert r["format"] == BENCH_FORMAT and r["command"].startswith("moola doctor --quick")
+    assert r["format"] == REPORT_FORMAT and r["command"].startswith("moola doctor --quick")
     t = r["training"]
     assert t["bare_lstm"]["samples_per_second"] > 0 and t["loop"]["samples_per_second"] > 0
     assert len(t["bare_lstm"]["runs"]) == len(t["loop"]["runs"]) == r["settings"]["repeats"]

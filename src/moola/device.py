@@ -18,8 +18,12 @@ def _mps_available() -> bool:
     return bool(mps is not None and mps.is_available())
 
 
-def pick_device(requested: str = "auto", key: str = "pretrain.device") -> torch.device:
-    """"auto" -> cuda, then mps, then cpu; a named device that is absent is a ParamsError naming `key`."""
+def pick_device(
+    requested: str = "auto", key: str = "pretrain.device", source: str | None = "params.yaml"
+) -> torch.device:
+    """"auto" -> cuda, then mps, then cpu; a named device that is absent is a ParamsError naming `key` (and the
+    file it came from, `source`; None for a command-line option such as --device)."""
+    where = f"{source}: {key}" if source else key
     if requested == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -28,9 +32,9 @@ def pick_device(requested: str = "auto", key: str = "pretrain.device") -> torch.
         return torch.device("cpu")
     available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": _mps_available()}
     if requested not in available:
-        raise ParamsError(f"params.yaml: {key} must be one of auto, cpu, cuda, mps, got {requested!r}")
+        raise ParamsError(f"{where} must be one of auto, cpu, cuda, mps, got {requested!r}")
     if not available[requested]:
-        raise ParamsError(f"params.yaml: {key} is '{requested}' but this machine has no {requested} device (use auto or cpu)")
+        raise ParamsError(f"{where} is '{requested}' but this machine has no {requested} device (use auto or cpu)")
     return torch.device(requested)
 
 

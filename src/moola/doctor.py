@@ -8,7 +8,7 @@ Fails with one line, before anything else, when the box has an NVIDIA GPU (nvidi
 cannot use CUDA: `device: auto` would quietly train on the CPU (an image whose torch is too old for moola pulls
 a PyPI torch at `pip install -e .` that may not match the driver). Timings: >= 20 warm-up and >= 100 timed steps
 on CUDA, read with CUDA events; the loop's epochs end on a device read, so their wall time is the GPU's time.
-Writes the figures in metrics/bench.json's format (moola.bench), with a "doctor" section.
+Writes the figures in metrics/bench.json's format (benchmarks/, python -m benchmarks), with a "doctor" section.
 """
 
 from __future__ import annotations
@@ -26,21 +26,21 @@ import numpy as np
 import torch
 
 from moola import io
-from moola.bench import (
-    BENCH_FORMAT,
-    DEFAULT_JSON,
-    SPEC_EXPERIMENT,
-    TARGET_RATIO,
-    Settings,
-    bare_lstm_stepper,
-    bench_share,
-    machine_info,
-    median,
-)
 from moola.device import describe, pick_device, use_threads
 from moola.errors import MoolaError, run_main
 from moola.numerics import apply_cuda_settings, decide, tf32_state
 from moola.params import FEATURES, load_params
+from moola.throughput import (
+    DEFAULT_JSON,
+    REPORT_FORMAT,
+    SPEC_EXPERIMENT,
+    TARGET_RATIO,
+    WorkerRun,
+    bare_lstm_stepper,
+    machine_info,
+    median,
+    share_device,
+)
 
 CUDA_STEPS = dict(warmup=20, steps=100, repeats=3)
 CPU_STEPS = dict(warmup=1, steps=3, repeats=2)
@@ -182,7 +182,7 @@ def run_doctor(argv: list[str] | None = None, root: Path = Path(".")) -> dict:
         f"ratio {ratio:.2f} (target >= {TARGET_RATIO}); LSTM dtype seen in the loop: {seen['lstm_dtype']}"
         + (f"; peak GPU memory {peak:,.0f} MiB" if peak is not None else ""))
     report = {
-        "format": BENCH_FORMAT,
+        "format": REPORT_FORMAT,
         "command": " ".join(["moola doctor", *(argv or [])]),
         "quick": args.quick,
         "machine": machine_info(device) | {"driver": v["driver"], "gpus": v["gpus"]},
@@ -202,10 +202,10 @@ def run_doctor(argv: list[str] | None = None, root: Path = Path(".")) -> dict:
         },
     }
     if share:
-        s = Settings(batch_size=batch, steps=steps, repeats=repeats, warmup=warmup, windows_scale=1.0,
-                     data_repeats=1, threads=cfg.threads, precision=bare_precision, device=device, dvc=False,
-                     tries=False, share=share, quick=args.quick)
-        report["share"] = bench_share(s, median(bare_rates), window, cfg.hidden_size)
+        run = WorkerRun(device=device.type, batch_size=batch, steps=steps, repeats=repeats, warmup=warmup,
+                        precision=bare_precision, threads=cfg.threads, window=window, hidden=cfg.hidden_size,
+                        learning_rate=cfg.learning_rate)
+        report["share"] = share_device(run, share, median(bare_rates))
         sh = report["share"]
         say(f"--share {share}: {sh['aggregate_samples_per_second']:,.0f} samples/s together "
             f"({sh['aggregate_vs_single']:.2f}x one alone)"

@@ -10,15 +10,29 @@ import time
 import zlib
 
 
-from moola import io
+from moola import io, paths
 from moola.augment import augment_windows
 from moola.errors import ParamsError, run_main
-from moola.params import PARAMS_FILE, load_params
+from moola.params import PARAMS_FILE, Params, load_params
 from moola.windows import UNLABELED, read_windows
 
 
 def output_path(recipe: str) -> str:
-    return f"data/augmented/{recipe}.npy"
+    return paths.augmented(recipe)
+
+
+def augment_arguments(p: Params, recipe: str) -> dict:
+    """augment_windows' arguments but the windows, for one recipe: what this stage runs (and benchmarks/ times)."""
+    r = p.augment.recipes[recipe]
+    return dict(
+        multiplier=r.multiplier,
+        time_warp_sigma=r.time_warp_sigma,
+        jitter_sigma=p.augment.jitter_sigma,
+        scaling_sigma=p.augment.scaling_sigma,
+        knots=p.augment.time_warp_knots,
+        # The recipe's name is part of the seed: two recipes never draw the same warps.
+        seed=zlib.crc32(recipe.encode()) ^ p.seed,
+    )
 
 
 def main() -> None:
@@ -35,16 +49,7 @@ def main() -> None:
     windows = read_windows(UNLABELED)
     train = windows.values[windows.split == "train"]
     began = time.perf_counter()
-    augmented = augment_windows(
-        train,
-        multiplier=recipe.multiplier,
-        time_warp_sigma=recipe.time_warp_sigma,
-        jitter_sigma=p.augment.jitter_sigma,
-        scaling_sigma=p.augment.scaling_sigma,
-        knots=p.augment.time_warp_knots,
-        # The recipe's name is part of the seed: two recipes never draw the same warps.
-        seed=zlib.crc32(args.recipe.encode()) ^ p.seed,
-    )
+    augmented = augment_windows(train, **augment_arguments(p, args.recipe))
     seconds = time.perf_counter() - began
     io.write_npy(output_path(args.recipe), augmented)
     print(
