@@ -19,22 +19,13 @@ LABEL_POOL = "data/prepared/label_pool.parquet"  # every window of labels.csv (t
 TEST = "data/prepared/test_windows.parquet"  # held-out: read only by finetune and label_curve
 
 
-def augmented(recipe: str) -> str:
-    return f"data/augmented/{recipe}.npy"
-
+# Per recipe, experiment or init: each is `str.format` of its template, e.g. encoder("exp1_baseline").
+augmented = "data/augmented/{}.npy".format
 
 # pretrain@<experiment>
-def encoder(experiment: str) -> str:
-    return f"data/pretrained/{experiment}_encoder.pt"
-
-
-def pretrain_metrics(experiment: str) -> str:
-    return f"metrics/pretrain/{experiment}.json"
-
-
-def pretrain_curve(experiment: str) -> str:
-    return f"plots/pretrain/{experiment}.csv"
-
+encoder = "data/pretrained/{}_encoder.pt".format
+pretrain_metrics = "metrics/pretrain/{}.json".format
+pretrain_curve = "plots/pretrain/{}.csv".format
 
 # select
 SELECTED_ENCODER = "data/selected/encoder.pt"
@@ -44,16 +35,10 @@ SELECT_METRICS = "metrics/select.json"
 OOF_PREDICTIONS = "data/finetune/oof_predictions.parquet"
 FINETUNE_METRICS = "metrics/finetune.json"
 FINETUNE_CURVES = "plots/finetune/curves.csv"
-
-
-def confusion(init: str) -> str:
-    return f"plots/finetune/confusion_{init}.csv"
-
+confusion = "plots/finetune/confusion_{}.csv".format
 
 # finetune_ablation@<experiment>
-def ablation_metrics(experiment: str) -> str:
-    return f"metrics/ablation/{experiment}.json"
-
+ablation_metrics = "metrics/ablation/{}.json".format
 
 # label_curve
 CURVE_METRICS = "metrics/label_curve.json"
@@ -61,7 +46,4 @@ CURVE_PLOT = "plots/label_curve.csv"
 
 # Not stage outputs: run-specific facts (`dvc metrics show` lists them through dvc.yaml's top-level metrics).
 RUNTIME_DIR = "metrics/runtime"
-
-
-def runtime(name: str) -> str:
-    return f"{RUNTIME_DIR}/{name}.json"
+runtime = (RUNTIME_DIR + "/{}.json").format
