@@ -37,7 +37,8 @@ def test_example_market_writes_files_in_the_users_format(plain_repo):
     out = stage(plain_repo, "example_market").stdout
     bars = read_bars(plain_repo / "data/example/bars.parquet")  # the checks a user's bars get
     starts, labels = read_labels(plain_repo / "data/example/labels.csv", bars["timestamp"].to_numpy(), 105)
-    assert f"Example market: {len(bars):,} bars" in out and len(starts) == 89
+    # The label pool (conftest.TINY: data.label_pool 120) in time order; fine-tuning takes its first 89.
+    assert f"Example market: {len(bars):,} bars" in out and len(starts) == 120 and np.all(np.diff(starts) > 0)
     assert list(pd.read_csv(plain_repo / "data/example/labels.csv").columns) == ["start", "label"]
     # The unlabeled windows (11,873 every 10 bars at spec) end a trading week before the first labeled one.
     assert starts.min() >= (11873 - 1) * 10 + 105 + 5 * 78
@@ -264,7 +265,7 @@ EARLY_REFUSALS = {
         "params.yaml: experiments.exp6_wide has no pretrain stage in dvc.yaml"),
     "example market too large": (lambda repo: set_params(repo, data={"stride": 100000}),
                                  "params.yaml: data.unlabeled_windows (11873) x data.stride (100000) ask the example "
-                                 "market for 1,187,256,565 bars, more than the 4,000,000"),
+                                 "market for 1,187,361,220 bars, more than the 4,000,000"),
     "fewer labeled windows than folds": (lambda repo: set_params(repo, data={"labeled_windows": 3}),
                                          "finetune.folds (5) must not exceed data.labeled_windows (3)"),
 }
@@ -372,4 +373,5 @@ def test_dvc_repro_stops_at_the_first_stage_for_an_experiment_dvc_yaml_does_not_
     assert errors == [errors[0]] and "params.yaml: experiments.exp6_wide has no pretrain stage in dvc.yaml" in errors[0]
     # The first stage to run (example_market) loads params.yaml and stops there.
     assert "Running stage 'example_market'" in out and "Running stage 'prepare'" not in out
-    assert "Traceback" not in out and not (tiny_repo / "data").exists()
+    assert "Traceback" not in out and not (tiny_repo / "data/example").exists()
+    assert not (tiny_repo / "data/prepared").exists()

@@ -341,6 +341,7 @@ def test_a_plumbing_edit_reruns_nothing(data_repo):
         "src/moola/errors.py": ('print("interrupted"', 'print("interrupted by the user"'),
         "src/moola/io.py": ("never half of one.", "never a half-written one."),
         "src/moola/validation.py": ("must be greater than 0", "must be above 0"),
+        "src/moola/paths.py": ("Every file the pipeline writes, named once", "Each file the pipeline writes, named once"),
     }
     assert set(edits) == set(PLUMBING)
     for rel, (old, new) in edits.items():
