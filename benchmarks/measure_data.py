@@ -46,7 +46,7 @@ def augment_per_window_loop(windows: np.ndarray, multiplier: int, time_warp_sigm
 def bench_data(p: Params, s: Settings) -> tuple[dict, dict]:
     """Item 3: prepare and augment (vectorised) against per-window loops; returns the figures and the arrays."""
     from moola.market import example_data
-    from moola.stages.prepare import prepare
+    from moola.preparation import prepare
     from moola.windows import unlabeled_starts, validate_bars
 
     d = p.data

@@ -15,7 +15,7 @@ from conftest import ROOT, run
 from moola import evaluation, label_curve, market
 from moola.errors import DataError
 from moola.params import parse_params
-from moola.stages.prepare import prepare
+from moola.preparation import prepare
 from moola.windows import overlapping, read_windows, validate_bars
 
 pytest_plugins = ["pipeline_runs"]
@@ -196,7 +196,7 @@ def test_curve_draws_are_stratified_seeded_and_whole_pool_at_its_size():
 
 def test_own_bars_with_the_example_heldout_labels_are_refused_naming_the_param():
     from moola.errors import ParamsError
-    from moola.stages.prepare import check_test_labels_follow_bars
+    from moola.preparation import check_test_labels_follow_bars
 
     p = _params()  # the user's own labels and held-out labels: fine
     check_test_labels_follow_bars(p.data)
