@@ -152,14 +152,19 @@ def _interval(point: float, samples: np.ndarray, confidence: float) -> dict[str,
     return {"point": round(point, 6), "ci_low": round(float(low), 6), "ci_high": round(float(high), 6)}
 
 
+def point_score(labels: np.ndarray, predicted: np.ndarray, metric: str) -> float:
+    """The metric on every window once (the bootstrap's point estimate), averaged over the rows of (seeds, n)."""
+    labels = np.asarray(labels)
+    return float(_score(metric, np.ones((1, len(labels))), predicted, labels)[0])
+
+
 def bootstrap_interval(
     labels: np.ndarray, predicted: np.ndarray, metric: str, counts: np.ndarray, confidence: float = 0.95
 ) -> dict[str, float]:
     """A metric of (seeds, n) or (n,) class predictions with its percentile-bootstrap interval over windows;
     `counts` from resample_counts (share it between models to pair them)."""
     labels = np.asarray(labels)
-    point = float(_score(metric, np.ones((1, len(labels))), predicted, labels)[0])
-    return _interval(point, _score(metric, counts, predicted, labels), confidence)
+    return _interval(point_score(labels, predicted, metric), _score(metric, counts, predicted, labels), confidence)
 
 
 def paired_bootstrap_lift(

@@ -19,8 +19,10 @@ from torch import nn
 
 from moola import evaluation
 from moola.classifier import SimpleLSTM, load_forward_weights
+from moola.device import pick_device, use_threads
 from moola.errors import DataError, ParamsError
-from moola.params import CLASS_NAMES, PARAMS_FILE, Params
+from moola.numerics import apply_cuda_settings
+from moola.params import CLASS_NAMES, PARAMS_FILE, FinetuneParams, Params
 
 NETWORK_INITS = ("pretrained", "scratch")
 REFERENCE_INITS = ("majority", "logreg")
@@ -59,6 +61,15 @@ class FinetuneConfig:
             grad_clip=ft.grad_clip,
             class_weighted=ft.class_weighted,
         )
+
+
+def finetune_device(ft: FinetuneParams) -> torch.device:
+    """finetune.device, with its CPU threads fixed (the bytes then do not depend on the machine's core count) and
+    its CUDA numerics (TF32, deterministic cuDNN) set: what fine-tuning and the curve both train on."""
+    device = pick_device(ft.device, key="finetune.device")
+    use_threads(device, ft.threads)
+    apply_cuda_settings(device, ft.tf32, ft.deterministic)
+    return device
 
 
 @dataclass

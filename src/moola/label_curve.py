@@ -103,7 +103,7 @@ def curve_report(
             scores = {}
             for metric in CURVE_METRICS:
                 interval = evaluation.bootstrap_interval(labels, predicted, metric, counts)
-                per_seed = [_point(labels, row, metric) for row in predicted]
+                per_seed = [evaluation.point_score(labels, row, metric) for row in predicted]
                 scores[metric] = {**interval, "seed_min": round(min(per_seed), 6), "seed_max": round(max(per_seed), 6)}
             entry[model] = scores
             rows.append({"labels": size, "model": model, **{
@@ -122,8 +122,3 @@ def curve_report(
     columns = ["labels", "model"] + [f"{m}{s}" for m in CURVE_METRICS for s in ("", "_low", "_high")]
     table = pd.DataFrame(rows, columns=columns)
     return per_size, table
-
-
-def _point(labels: np.ndarray, predicted: np.ndarray, metric: str) -> float:
-    """One seed's metric on every held-out window."""
-    return float(evaluation.BOOTSTRAP_METRICS[metric](np.ones((1, len(labels))), predicted, labels)[0])

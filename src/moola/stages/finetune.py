@@ -14,11 +14,11 @@ import numpy as np
 import pandas as pd
 
 from moola import finetuning, io, paths
-from moola.device import describe, pick_device, use_threads
+from moola.device import describe
 from moola.errors import DataError, ParamsError, run_main
 from moola.evaluation import success_criteria
 from moola.models import load_encoder_checkpoint
-from moola.numerics import apply_cuda_settings, attention_kernels
+from moola.numerics import attention_kernels
 from moola.params import CLASS_NAMES, PARAMS_FILE, Params, load_params
 from moola.windows import read_windows
 
@@ -60,10 +60,7 @@ def run(p: Params, encoder: Path, ablation: str | None) -> None:
                           f"(expected one of: {', '.join(p.experiments)})")
     if len(set(ft.seeds)) != len(ft.seeds):
         raise ParamsError(f"{PARAMS_FILE}: finetune.seeds must be distinct, got {ft.seeds}")
-    device = pick_device(ft.device, key="finetune.device")
-    # Fixed on the CPU, so that the bytes of every output do not depend on the machine's core count.
-    use_threads(device, ft.threads)
-    apply_cuda_settings(device, ft.tf32, ft.deterministic)
+    device = finetuning.finetune_device(ft)
     labeled = read_windows(LABELED)
     if labeled.label is None:
         raise DataError(f"{LABELED}: column 'label' missing (expected the labeled windows file)")

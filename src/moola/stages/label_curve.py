@@ -13,11 +13,11 @@ from pathlib import Path
 import pandas as pd
 
 from moola import io, label_curve, paths
-from moola.device import describe, pick_device, use_threads
+from moola.device import describe
 from moola.errors import DataError, run_main
-from moola.finetuning import FinetuneConfig
+from moola.finetuning import FinetuneConfig, finetune_device
 from moola.models import load_encoder_checkpoint
-from moola.numerics import apply_cuda_settings, attention_kernels
+from moola.numerics import attention_kernels
 from moola.params import Params, load_params
 from moola.windows import read_windows
 
@@ -38,9 +38,7 @@ def run(p: Params) -> None:
         io.write_json(CURVE_METRICS, {"heldout_windows": 0, "note": note})
         io.write_text(CURVE_PLOT, pd.DataFrame(columns=["labels", "model"]).to_csv(index=False))
         return
-    device = pick_device(ft.device, key="finetune.device")
-    use_threads(device, ft.threads)
-    apply_cuda_settings(device, ft.tf32, ft.deterministic)
+    device = finetune_device(ft)
     checkpoint = load_encoder_checkpoint(SELECTED_ENCODER, expect_hidden=ft.hidden_size)
     cfg = FinetuneConfig.from_params(p)
     print(f"label pool {len(pool)} windows, held-out {len(test)}; sizes {c.sizes} x seeds {c.seeds}; "
