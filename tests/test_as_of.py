@@ -302,6 +302,11 @@ def test_purged_folds_and_anywhere_through_finetune_and_the_report(reference_run
     periods: the metrics and `moola report` name the scheme, carry the warning and split the held-out numbers."""
     repo = tmp_path / "repo"
     shutil.copytree(reference_run.repo, repo, symlinks=True)
+    _set(repo, finetune={"heldout_periods": 301})
+    proc = run(["python", "-m", "moola.stages.finetune"], repo, check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "error: params.yaml: finetune.heldout_periods (301) exceeds the 300 held-out windows of "
+        "data/prepared/test_windows.parquet; expected at most 300"]
     _set(repo, data={"heldout": "anywhere"}, finetune={"cv": "purged", "heldout_periods": 3})
     out = run(["python", "-m", "moola.stages.finetune"], repo).stdout
     assert "out-of-fold folds: time-ordered 2-fold, training windows within 105 bars of a test window purged" in out

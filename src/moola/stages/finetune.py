@@ -55,11 +55,9 @@ def confusion_csv(predictions: pd.DataFrame, init: str, seed: int) -> str:
 
 def heldout_extras(p: Params, test: Windows, proba: dict[str, np.ndarray]) -> dict:
     """Walk-forward (the held-out numbers per consecutive period) and, with data.heldout: anywhere, the warning."""
-    periods = p.finetune.heldout_periods
-    if periods > len(test):
-        raise ParamsError(f"{PARAMS_FILE}: finetune.heldout_periods ({periods}) exceeds the {len(test)} held-out "
-                          f"windows of {TEST}; expected at most {len(test)}")
-    extras: dict = {"by_period": heldout_by_period(test.label, proba, test.start, periods, p.finetune.bootstrap, p.seed)}
+    ft = p.finetune
+    extras: dict = {"by_period": heldout_by_period(test.label, proba, test.start, ft.heldout_periods, ft.bootstrap,
+                                                   p.seed)}
     warning = heldout_warning(p.data.heldout)
     if warning:
         extras["warning"] = warning
@@ -91,6 +89,9 @@ def run(p: Params, encoder: Path, ablation: str | None) -> None:
     test = None if ablation else read_windows(TEST)
     if test is not None and len(test) and test.label is None:
         raise DataError(f"{TEST}: column 'label' missing (expected the held-out windows file)")
+    if test is not None and len(test) and ft.heldout_periods > len(test):  # refused before any training
+        raise ParamsError(f"{PARAMS_FILE}: finetune.heldout_periods ({ft.heldout_periods}) exceeds the {len(test)} "
+                          f"held-out windows of {TEST}; expected at most {len(test)}")
     print(
         f"encoder {encoder} ({checkpoint.hyperparams.get('experiment', 'unnamed')}); {ft.folds} folds x "
         f"seeds {ft.seeds}; {cfg.epochs} epochs ({cfg.freeze_epochs} frozen); inits {', '.join(inits)}; "
