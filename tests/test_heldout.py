@@ -133,10 +133,10 @@ def small_market():
     return validate_bars(bars), labels, test
 
 
-def _params(labels="user/labels.csv", test_labels="user/test_labels.csv"):
+def _params(labels="user/labels.csv", test_labels="user/test_labels.csv", **data):
     return parse_params({**yaml.safe_load((ROOT / "params.yaml").read_text()),
                          "data": {"labels": labels, "test_labels": test_labels, "unlabeled_windows": 300,
-                                  "labeled_windows": 40}})
+                                  "labeled_windows": 40, **data}})
 
 
 def test_user_test_labels_overlapping_labels_are_refused_in_one_line(small_market):
@@ -152,9 +152,10 @@ def test_user_test_labels_overlapping_labels_are_refused_in_one_line(small_marke
 
 def test_user_test_windows_inside_the_unlabeled_stretch_leave_pretraining(small_market):
     bars, labels, test = small_market
-    # Held-out windows among the unlabeled ones (a user's choice): those unlabeled windows are left out.
+    # Held-out windows among the unlabeled ones (a user's choice, data.heldout: anywhere): those unlabeled windows
+    # are left out.
     inside = pd.DataFrame({"start": bars["timestamp"].to_numpy()[[500, 1200]], "label": ["consolidation"] * 2})
-    out = prepare(_params(), bars, labels, inside)
+    out = prepare(_params(heldout="anywhere"), bars, labels, inside)
     assert len(out.test) == 2 and out.excluded > 0
     assert len(out.unlabeled) == 300 - out.excluded
     window = out.unlabeled.values.shape[1]

@@ -186,6 +186,8 @@ def scalar_leaves(node, prefix=""):
 def perturbed(dotted: str, value):
     if dotted == "mask":
         return "block" if value != "block" else "patch"
+    if dotted == "data.heldout":
+        return "anywhere" if value != "anywhere" else "after"
     if isinstance(value, int):
         return value + 1
     if isinstance(value, float):

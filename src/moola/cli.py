@@ -92,6 +92,36 @@ def heldout_lines(h: dict | None) -> list[str]:
     return lines
 
 
+def warning_lines(h: dict | None) -> list[str]:
+    """data.heldout: anywhere: the held-out numbers (table, periods, curve) may be optimistic; said every time."""
+    return [f"WARNING: {h['warning']}"] if h and h.get("warning") else []
+
+
+def period_lines(h: dict | None) -> list[str]:
+    """Walk-forward: the held-out accuracy per consecutive period (the same predictions; nothing re-trained)."""
+    periods = (h or {}).get("by_period")
+    if not periods:
+        return []
+    models = [m for m in ("pretrained", "scratch", "logreg", "majority") if m in periods[0]]
+    lines = [
+        f"  by period (walk-forward: the held-out windows in {len(periods)} consecutive periods of equal size, the "
+        "same predictions; accuracy, 95% interval)",
+        f"    {'period':>6} {'windows':>7}  {'from':<16}  {'to':<16} " + " ".join(f"{m:>22}" for m in models)
+        + (f" {'lift (points)':>22}" if "lift" in periods[0] else ""),
+    ]
+    when = lambda text: text[:16].replace("T", " ")  # noqa: E731
+    for e in periods:
+        cells = " ".join(f"{_ci(e[m]['accuracy'], True):>22}" for m in models)
+        lift = e.get("lift", {}).get("accuracy")
+        lift_cell = ""
+        if lift:
+            text = f"{100 * lift['point']:+.1f} [{100 * lift['ci_low']:+.1f}, {100 * lift['ci_high']:+.1f}]"
+            lift_cell = f" {text:>22}"
+        lines.append(f"    {e['period']:>6} {e['windows']:>7}  {when(e['first_start']):<16}  "
+                     f"{when(e['last_start']):<16} {cells}{lift_cell}")
+    return lines
+
+
 def report(root: Path = Path("."), ablation: bool = True) -> str:
     """The results as a plain-text table (pretraining, selection, held-out, fine-tuning, curve, ablation).
 
@@ -112,9 +142,12 @@ def report(root: Path = Path("."), ablation: bool = True) -> str:
     if chosen:
         lines.append(f"Selected encoder: {chosen.get('selected')}")
     ft = _load(root / paths.FINETUNE_METRICS)
-    lines += [""] + heldout_lines((ft or {}).get("heldout"))
+    held = (ft or {}).get("heldout")
+    lines += [""] + warning_lines(held) + heldout_lines(held) + period_lines(held)
     header = f"  {'model':<26} {'accuracy':>9} {'balanced':>9} {'recall c0':>10} {'recall c1':>10} {'MCC':>6}"
-    lines += ["", "Fine-tuning, out of fold (mean over seeds; c0 consolidation, c1 retracement)", header]
+    folds = (ft or {}).get("cv", {}).get("description")
+    lines += ["", f"Fine-tuning, out of fold ({folds + '; ' if folds else ''}mean over seeds; c0 consolidation, "
+              "c1 retracement)", header]
 
     def row(name: str, m: dict | None) -> str:
         if not m:

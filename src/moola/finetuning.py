@@ -1,6 +1,7 @@
 """Out-of-fold fine-tuning: every labeled window is predicted by a model that never trained on it.
 
-For each seed, a stratified k-fold split (StratifiedKFold(shuffle=True, random_state=seed)); on every fold the
+For each seed, a stratified k-fold split (StratifiedKFold(shuffle=True, random_state=seed); or, with finetune.cv:
+purged, time-ordered folds with an embargo: purged_splits); on every fold the
 same split trains SimpleLSTM from the pretrained encoder and from scratch, and fits the two reference rows, so
 that all of them are compared on identical data. The core takes arrays and returns frames; the stage writes.
 """
@@ -23,6 +24,7 @@ from moola.device import pick_device, use_threads
 from moola.errors import DataError, ParamsError
 from moola.numerics import apply_cuda_settings
 from moola.params import CLASS_NAMES, PARAMS_FILE, FinetuneParams, Params
+from moola.windows import overlapping
 
 NETWORK_INITS = ("pretrained", "scratch")
 REFERENCE_INITS = ("majority", "logreg")
@@ -125,6 +127,65 @@ def check_folds(labels: np.ndarray, folds: int, source: str) -> None:
 def fold_splits(labels: np.ndarray, folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     return [(train, test) for train, test in splitter.split(np.zeros(len(labels)), labels)]
+
+
+Splitter = Callable[[np.ndarray, int, int], list[tuple[np.ndarray, np.ndarray]]]  # (labels, folds, seed) -> folds
+
+
+def purged_splits(bars: np.ndarray, folds: int, window: int, embargo: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Time-ordered folds, purged: the windows sorted by first bar and cut into `folds` consecutive blocks (sizes
+    differ by at most one); a block is a fold's test set, and its training set is every other window with at least
+    `embargo` bars between it and each test window (a neighbour in time shares the test windows' regime and would
+    leak it). No randomness: every seed gets the same folds. Indices into `bars`, each sorted."""
+    bars = np.asarray(bars, dtype=np.int64)
+    order = np.argsort(bars, kind="stable")
+    out = []
+    for block in np.array_split(order, folds):
+        test = np.sort(block)
+        others = np.setdiff1d(np.arange(len(bars)), test)
+        # Windows of `window` bars closer than `window + embargo` start to start have fewer than `embargo` between.
+        near = overlapping(bars[others], bars[test], window + embargo)
+        out.append((others[~near], test))
+    return out
+
+
+def cv_splitter(scheme: str, bars: np.ndarray | None, window: int, embargo: int, source: str) -> Splitter:
+    """finetune.cv -> run_oof's fold maker. Purged folds need each window's first bar (`bar` in `source`) and a
+    training set with both classes in every fold."""
+    if scheme == "stratified":
+        return fold_splits
+    if bars is None:
+        raise DataError(f"{source}: column 'bar' missing (finetune.cv: purged needs each window's first bar; "
+                        "re-run `dvc repro prepare`)")
+
+    def split(labels: np.ndarray, folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        splits = purged_splits(bars, folds, window, embargo)
+        for fold, (train, test) in enumerate(splits):
+            missing = [name for i, name in enumerate(CLASS_NAMES) if not np.any(labels[train] == i)]
+            if missing:
+                raise DataError(
+                    f"{source}: purged fold {fold + 1} of {folds} (finetune.cv: purged, data.embargo={embargo}) "
+                    f"leaves {len(train)} training windows, none '{missing[0]}' (expected both classes in every "
+                    "fold's training set; use fewer finetune.folds, a smaller data.embargo, or more labels)"
+                )
+        return splits
+
+    return split
+
+
+def cv_report(scheme: str, splits: Sequence[tuple[np.ndarray, np.ndarray]], embargo: int) -> dict:
+    """What the out-of-fold protocol was, for the metrics and the report."""
+    folds = len(splits)
+    if scheme == "stratified":
+        return {"scheme": "stratified", "description": f"stratified {folds}-fold, shuffled by seed"}
+    n = sum(len(test) for _, test in splits)
+    return {
+        "scheme": "purged",
+        "embargo": embargo,
+        "description": f"time-ordered {folds}-fold, training windows within {embargo} bars of a test window purged",
+        "training_windows": [int(len(train)) for train, _ in splits],
+        "purged_windows": [int(n - len(test) - len(train)) for train, test in splits],
+    }
 
 
 def class_weights(labels: np.ndarray) -> torch.Tensor:
@@ -239,6 +300,7 @@ def run_oof(
     device: torch.device | str = "cpu",
     log: Callable[[str], None] = print,
     heldout_values: np.ndarray | None = None,
+    splitter: Splitter = fold_splits,
 ) -> OofResult:
     """Out-of-fold predictions of every init in `inits` (pretrained, scratch, majority, logreg) for every seed.
 
@@ -257,7 +319,7 @@ def run_oof(
     rows: list[pd.DataFrame] = []
     curves: dict[str, list[FoldRun]] = {init: [] for init in inits if init in NETWORK_INITS}
     for seed in seeds:
-        splits = fold_splits(labels, folds, seed)
+        splits = splitter(labels, folds, seed)
         for init in inits:
             fold_accuracy = []
             for fold, (train, test) in enumerate(splits):

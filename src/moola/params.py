@@ -72,6 +72,12 @@ class DataParams:
     val_fraction: float = _f(0.2, positive=True, max=0.5)
     # The shortest piece of the labeling regime that must be visible at a labeled window's end.
     min_final_segment: int = _f(15, positive=True)
+    # Bars that must lie between every training window (labeled, pool, unlabeled) and the first held-out window
+    # (data.heldout: after), and between a purged fold's training and test windows (finetune.cv: purged).
+    embargo: int = _f(105, min=0)
+    # after: the held-out windows come after every training window (checked by prepare; unlabeled windows past the
+    # cut are left out). anywhere: interleaved held-out windows are accepted, and every result says so.
+    heldout: Literal["after", "anywhere"] = "after"
 
 
 @dataclass(frozen=True)
@@ -172,6 +178,11 @@ class FinetuneParams:
     tf32: bool = False
     # Bootstrap resamples for the confidence interval of the lift.
     bootstrap: int = _f(2000, positive=True)
+    # Out-of-fold folds: stratified (shuffled by seed; the reference protocol) | purged (time-ordered, training
+    # windows within data.embargo bars of the fold's test windows dropped).
+    cv: Literal["stratified", "purged"] = "stratified"
+    # The held-out numbers again, per consecutive period of equal window count (walk-forward; nothing re-trained).
+    heldout_periods: int = _f(2, positive=True)
 
 
 @dataclass(frozen=True)
@@ -337,6 +348,7 @@ def _cross_checks(p: Params) -> None:
             f"{PARAMS_FILE}: {keys} ask the example market for {example_market_bars(d):,} bars, more than the "
             f"{EXAMPLE_MAX_BARS:,} it can generate in memory (about 1 GB); lower them"
         )
+    _check_embargo(d)
     if ft.hidden_size % ft.attention_heads:
         raise ParamsError(
             f"{PARAMS_FILE}: finetune.hidden_size ({ft.hidden_size}) must be divisible by "
@@ -362,6 +374,16 @@ def _cross_checks(p: Params) -> None:
                 f"{PARAMS_FILE}: pretrain.patch_size ({exp.train.patch_size}) must be at most half of "
                 f"data.window ({p.data.window})"
             )
+
+
+def _check_embargo(d: DataParams) -> None:
+    """The example market leaves EXAMPLE_GAP_BARS between its label pool and its held-out windows: a longer
+    data.embargo would refuse its own labels (a user's own bars are checked by prepare, which knows their length)."""
+    if d.bars == paths.EXAMPLE_BARS and d.test_windows > 0 and d.heldout == "after" and d.embargo > EXAMPLE_GAP_BARS:
+        raise ParamsError(
+            f"{PARAMS_FILE}: data.embargo ({d.embargo} bars) is longer than the example market's gap between its "
+            f"labeled windows and its held-out windows; expected at most {EXAMPLE_GAP_BARS} (a trading week)"
+        )
 
 
 def load_params(path: str | Path = PARAMS_FILE) -> Params:

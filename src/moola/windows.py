@@ -5,7 +5,8 @@ value lies in [0, 1], the OHLC relations (low <= open, close <= high) survive, a
 or instrument look alike. A model sees shapes, not price levels.
 
 File format (parquet, one row per window): window_id (int64), start (timestamp), then `split` ('train' | 'val')
-for unlabeled windows or `label` (0 consolidation, 1 retracement) and `label_name` for labeled ones, and
+for unlabeled windows or `bar` (int64: the index of the window's first bar in the bars file, so that distances
+in bars are known: purged folds), `label` (0 consolidation, 1 retracement) and `label_name` for labeled ones, and
 `values`: a fixed-size list of window * 4 float32, time-major (bar 0 open, high, low, close, bar 1 ...).
 
 Timestamps (bars' `timestamp`, labels' `start`): ISO 8601 text or a parquet timestamp column. One with a UTC offset
@@ -41,13 +42,15 @@ class Windows:
     start: np.ndarray  # (n,) datetime64[ns]
     split: np.ndarray | None = None  # (n,) 'train' | 'val' (unlabeled windows)
     label: np.ndarray | None = None  # (n,) int64 (labeled windows)
+    bar: np.ndarray | None = None  # (n,) int64: index of the first bar in the bars file (labeled windows)
 
     def __len__(self) -> int:
         return len(self.window_id)
 
     def subset(self, rows: np.ndarray) -> "Windows":
         pick = lambda a: None if a is None else a[rows]  # noqa: E731
-        return Windows(self.values[rows], self.window_id[rows], self.start[rows], pick(self.split), pick(self.label))
+        return Windows(self.values[rows], self.window_id[rows], self.start[rows], pick(self.split), pick(self.label),
+                       pick(self.bar))
 
 
 # --- timestamps -------------------------------------------------------------------------------------------------
@@ -358,6 +361,8 @@ def windows_table(w: Windows) -> pa.Table:
     }
     if w.split is not None:
         columns["split"] = pa.array(w.split.astype(str), type=pa.string())
+    if w.bar is not None:
+        columns["bar"] = pa.array(w.bar, type=pa.int64())
     if w.label is not None:
         columns["label"] = pa.array(w.label, type=pa.int64())
         columns["label_name"] = pa.array([CLASS_NAMES[i] for i in w.label], type=pa.string())
@@ -394,4 +399,5 @@ def read_windows(path: str | Path) -> Windows:
         start=table.column("start").to_numpy().astype("datetime64[ns]"),
         split=np.asarray(table.column("split").to_pylist(), dtype=object) if "split" in table.column_names else None,
         label=table.column("label").to_numpy() if "label" in table.column_names else None,
+        bar=table.column("bar").to_numpy() if "bar" in table.column_names else None,
     )

@@ -16,11 +16,11 @@ import pandas as pd
 from moola import finetuning, io, paths
 from moola.device import describe
 from moola.errors import DataError, ParamsError, run_main
-from moola.evaluation import success_criteria
+from moola.evaluation import heldout_by_period, heldout_warning, success_criteria
 from moola.models import load_encoder_checkpoint
 from moola.numerics import attention_kernels
 from moola.params import CLASS_NAMES, PARAMS_FILE, Params, load_params
-from moola.windows import read_windows
+from moola.windows import Windows, read_windows
 
 LABELED = Path(paths.LABELED)
 # Read only here and by label_curve (the evaluations), and only after training: see finetuning.run_oof.
@@ -53,6 +53,18 @@ def confusion_csv(predictions: pd.DataFrame, init: str, seed: int) -> str:
     return frame.to_csv(index=False, lineterminator="\n")
 
 
+def heldout_extras(p: Params, test: Windows, proba: dict[str, np.ndarray]) -> dict:
+    """Walk-forward (the held-out numbers per consecutive period) and, with data.heldout: anywhere, the warning."""
+    ft = p.finetune
+    extras: dict = {"by_period": heldout_by_period(test.label, proba, test.start, ft.heldout_periods, ft.bootstrap,
+                                                   p.seed)}
+    warning = heldout_warning(p.data.heldout)
+    if warning:
+        extras["warning"] = warning
+        print(f"warning: {warning}", flush=True)
+    return extras
+
+
 def run(p: Params, encoder: Path, ablation: str | None) -> None:
     ft = p.finetune
     if ablation is not None and ablation not in p.experiments:
@@ -67,6 +79,9 @@ def run(p: Params, encoder: Path, ablation: str | None) -> None:
     counts = finetuning.class_counts(labeled.label)
     print(f"{len(labeled)} labeled windows ({', '.join(f'{n} {name}' for name, n in counts.items())})", flush=True)
     finetuning.check_folds(labeled.label, ft.folds, str(LABELED))
+    splitter = finetuning.cv_splitter(ft.cv, labeled.bar, labeled.values.shape[1], p.data.embargo, str(LABELED))
+    cv = finetuning.cv_report(ft.cv, splitter(labeled.label, ft.folds, ft.seeds[0]), p.data.embargo)
+    print(f"out-of-fold folds: {cv['description']}", flush=True)
     checkpoint = load_encoder_checkpoint(encoder, expect_hidden=ft.hidden_size)
     cfg = finetuning.FinetuneConfig.from_params(p)
     inits = ("pretrained",) if ablation else ALL_INITS
@@ -74,6 +89,9 @@ def run(p: Params, encoder: Path, ablation: str | None) -> None:
     test = None if ablation else read_windows(TEST)
     if test is not None and len(test) and test.label is None:
         raise DataError(f"{TEST}: column 'label' missing (expected the held-out windows file)")
+    if test is not None and len(test) and ft.heldout_periods > len(test):  # refused before any training
+        raise ParamsError(f"{PARAMS_FILE}: finetune.heldout_periods ({ft.heldout_periods}) exceeds the {len(test)} "
+                          f"held-out windows of {TEST}; expected at most {len(test)}")
     print(
         f"encoder {encoder} ({checkpoint.hyperparams.get('experiment', 'unnamed')}); {ft.folds} folds x "
         f"seeds {ft.seeds}; {cfg.epochs} epochs ({cfg.freeze_epochs} frozen); inits {', '.join(inits)}; "
@@ -84,11 +102,11 @@ def run(p: Params, encoder: Path, ablation: str | None) -> None:
         result = finetuning.run_oof(
             labeled.values, labeled.label, labeled.window_id, cfg, ft.seeds, ft.folds, inits,
             encoder_state=checkpoint.state_dict, device=device,
-            heldout_values=test.values if test is not None and len(test) else None,
+            heldout_values=test.values if test is not None and len(test) else None, splitter=splitter,
         )
     summary = finetuning.summary_report(result.predictions, inits)
     common = {"windows": len(labeled), "class_counts": counts, "folds": ft.folds, "seeds": list(ft.seeds),
-              "epochs": cfg.epochs, "freeze_epochs": cfg.freeze_epochs}
+              "epochs": cfg.epochs, "freeze_epochs": cfg.freeze_epochs, "cv": cv}
     if ablation is not None:
         io.write_json(ablation_metrics_path(ablation), {
             "experiment": ablation,
@@ -106,6 +124,7 @@ def run(p: Params, encoder: Path, ablation: str | None) -> None:
         heldout = finetuning.heldout_report(
             test.label, result.heldout, ft.bootstrap, p.seed, models=ft.folds * len(ft.seeds)
         )
+        heldout.update(heldout_extras(p, test, result.heldout))
         hl = heldout["lift"]["accuracy"]
         print(f"held-out ({len(test)} windows) lift (pretrained - scratch): accuracy {hl['point']:+.3f} "
               f"[{hl['ci_low']:+.3f}, {hl['ci_high']:+.3f}]; {heldout['lift']['verdict']}", flush=True)

@@ -8,11 +8,12 @@ writes in the same format; dvc.yaml lists whichever files params name as this st
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 
 from moola import io
 from moola.errors import run_main
-from moola.params import CLASS_NAMES, FEATURES, load_params
-from moola.preparation import check_test_labels_follow_bars, prepare
+from moola.params import CLASS_NAMES, FEATURES, DataParams, load_params
+from moola.preparation import Prepared, check_test_labels_follow_bars, prepare
 from moola.windows import (
     LABEL_POOL,
     LABELED,
@@ -58,8 +59,24 @@ def main() -> None:
             "left out of pretraining",
             flush=True,
         )
+        print(as_of_line(p.data, out), flush=True)
     else:
         print(f"no held-out set ({p.data.test_labels} has no rows)", flush=True)
+
+
+def as_of_line(d: DataParams, out: Prepared) -> str:
+    """What data.heldout did: the as-of cut and what it left out, or the warning that there was none."""
+    start = pd.Timestamp(np.min(out.test.start))
+    if d.heldout == "after":
+        return (
+            f"as-of split (data.heldout: after): the held-out period starts at {start}; every labeled window ends at "
+            f"least data.embargo={d.embargo} bars before it; {out.after_cut} unlabeled windows did not and were left "
+            "out of pretraining"
+        )
+    return (
+        f"warning: data.heldout is 'anywhere': no as-of split (the held-out period starts at {start}; labeled and "
+        "unlabeled windows may lie near or after held-out ones), so held-out results may be optimistic"
+    )
 
 
 if __name__ == "__main__":
