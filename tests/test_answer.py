@@ -36,19 +36,26 @@ def _report(heldout_windows: int = 300, **heldout_extra) -> dict:
     return {"heldout": heldout, "pretrained": {}, "lift": oof_lift, "selected_encoder": "exp2_conservative"}
 
 
+def _lift_first(keys: list[str]) -> bool:
+    lifts = [k.startswith("lift_") for k in keys]
+    return lifts == sorted(lifts, reverse=True) and lifts[0]
+
+
 def test_todays_report_gives_the_lift_first_then_models_then_encoder():
     answer = headline(_report(), "exp2_conservative", 0.012345678)
     assert list(answer) == [
         "lift_acc", "lift_acc_lo", "lift_acc_hi", "lift_bacc", "lift_bacc_lo", "lift_bacc_hi",
-        "lift_mcc", "lift_mcc_lo", "lift_mcc_hi", "covers", "heldout_windows",
-        "acc_pretrained", "acc_scratch", "acc_logreg", "acc_majority",
-        "mcc_pretrained", "mcc_scratch", "mcc_logreg",  # majority's MCC is 0 by definition: no column
-        "encoder", "encoder_val_loss",
+        "lift_mcc", "lift_mcc_lo", "lift_mcc_hi", "lift_covers",
+        "pretrained_acc", "pretrained_mcc", "scratch_acc", "scratch_mcc", "logreg_acc", "logreg_mcc",
+        "majority_acc",  # majority's MCC is 0 by definition: no column
+        "selected_encoder", "selected_val_loss", "test_windows",
     ]
+    # `dvc exp show` keeps the file's order, `dvc metrics diff` sorts the names: the lift comes first in both.
+    assert _lift_first(list(answer)) and _lift_first(sorted(answer))
     assert (answer["lift_acc"], answer["lift_acc_lo"], answer["lift_acc_hi"]) == (0.037, -0.013, 0.087)
-    assert (answer["lift_mcc"], answer["acc_pretrained"], answer["mcc_pretrained"]) == (0.071, 0.623, 0.21)
-    assert answer["covers"] == "held-out windows" and answer["heldout_windows"] == 300
-    assert answer["encoder"] == "exp2_conservative" and answer["encoder_val_loss"] == 0.01235
+    assert (answer["lift_mcc"], answer["pretrained_acc"], answer["pretrained_mcc"]) == (0.071, 0.623, 0.21)
+    assert answer["lift_covers"] == "held-out windows" and answer["test_windows"] == 300
+    assert answer["selected_encoder"] == "exp2_conservative" and answer["selected_val_loss"] == 0.01235
     # A flat file of numbers and short strings: what `dvc exp show` can put in one column each.
     assert all(isinstance(v, (int, float, str)) for v in answer.values())
     assert json.loads(json.dumps(answer)) == answer
@@ -66,12 +73,13 @@ def test_the_same_schedule_lift_and_its_covers_are_included_when_the_report_has_
     assert keys[:9] == ["lift_acc", "lift_acc_lo", "lift_acc_hi", "lift_bacc", "lift_bacc_lo", "lift_bacc_hi",
                         "lift_mcc", "lift_mcc_lo", "lift_mcc_hi"]
     # Only the metrics the report has; after the plain lift, before the models.
-    assert keys[9:15] == ["lift_ss_acc", "lift_ss_acc_lo", "lift_ss_acc_hi", "lift_ss_mcc", "lift_ss_mcc_lo",
-                          "lift_ss_mcc_hi"]
-    assert answer["covers"] == "held-out windows in blocks, fine-tuning seeds"
-    assert answer["acc_scratch_ss"] == 0.603 and answer["mcc_scratch_ss"] == 0.17
-    assert keys.index("acc_scratch") < keys.index("acc_scratch_ss") < keys.index("acc_logreg")
-    assert "encoder_val_loss" not in answer and len(answer) <= 40
+    assert keys[9:16] == ["lift_ss_acc", "lift_ss_acc_lo", "lift_ss_acc_hi", "lift_ss_mcc", "lift_ss_mcc_lo",
+                          "lift_ss_mcc_hi", "lift_covers"]
+    assert answer["lift_covers"] == "held-out windows in blocks, fine-tuning seeds"
+    assert answer["scratch_ss_acc"] == 0.603 and answer["scratch_ss_mcc"] == 0.17
+    assert keys.index("scratch_mcc") < keys.index("scratch_ss_acc") < keys.index("logreg_acc")
+    assert _lift_first(keys) and _lift_first(sorted(keys))
+    assert "selected_val_loss" not in answer and len(answer) <= 40
 
 
 def test_without_a_heldout_set_the_out_of_fold_lift_stands_in_under_its_own_names():
@@ -79,7 +87,8 @@ def test_without_a_heldout_set_the_out_of_fold_lift_stands_in_under_its_own_name
     assert answer == {
         "oof_lift_acc": 0.011, "oof_lift_acc_lo": -0.067, "oof_lift_acc_hi": 0.09,
         "oof_lift_bacc": 0.02, "oof_lift_bacc_lo": -0.05, "oof_lift_bacc_hi": 0.09,
-        "covers": "out-of-fold windows", "heldout_windows": 0, "encoder": "exp1_baseline", "encoder_val_loss": 0.5,
+        "oof_lift_covers": "out-of-fold windows", "selected_encoder": "exp1_baseline", "selected_val_loss": 0.5,
+        "test_windows": 0,
     }
 
 
@@ -88,4 +97,4 @@ def test_rounding_never_writes_minus_zero():
     report["heldout"]["lift"]["accuracy"] = _ci(-0.0001, -0.0004, 0.0003)
     answer = headline(report, "exp1_baseline", 1e-7)
     assert json.dumps([answer["lift_acc"], answer["lift_acc_lo"], answer["lift_acc_hi"]]) == "[0.0, 0.0, 0.0]"
-    assert answer["encoder_val_loss"] == 1e-7
+    assert answer["selected_val_loss"] == 1e-7

@@ -77,8 +77,8 @@ def test_finetune_metrics_layout(pipeline):
     checkpoint = torch.load(pipeline / "data/selected/encoder.pt", weights_only=True)
     assert answer == headline(report, selected["selected"], checkpoint["training"]["best_val_loss"])
     lift = report["heldout"]["lift"]["accuracy"]
-    assert answer["lift_acc"] == round(lift["point"], 3) and answer["heldout_windows"] == report["heldout"]["windows"]
-    assert answer["encoder_val_loss"] == pytest.approx(selected["candidates"][selected["selected"]]["best_val_loss"],
+    assert answer["lift_acc"] == round(lift["point"], 3) and answer["test_windows"] == report["heldout"]["windows"]
+    assert answer["selected_val_loss"] == pytest.approx(selected["candidates"][selected["selected"]]["best_val_loss"],
                                                        rel=1e-3)
 
 

@@ -3,6 +3,9 @@
 The finetune stage writes it to metrics/answer.json, the one file dvc.yaml declares as DVC metrics, so that
 `dvc exp show` and `dvc metrics diff` show the answer first. The detail (per seed, per fold, per curve size,
 selection, runtime) stays in the reports it is taken from, plain stage outputs that `moola report` prints.
+
+`dvc exp show` lists the keys in the file's order, `dvc metrics diff` in alphabetical order: the names are chosen
+so that both start with the lift (`lift_*`), then the models (`<model>_acc`, `<model>_mcc`), then the encoder.
 """
 
 from __future__ import annotations
@@ -58,20 +61,19 @@ def headline(finetune_report: dict, encoder: str, encoder_val_loss: float | None
             for metric, m in METRICS.items():
                 if lift and metric in lift:
                     out |= _interval(f"{short}_{m}", lift[metric])
-        out["covers"] = _covers(heldout.get("lift") or {}, HELDOUT_COVERS)
-        out["heldout_windows"] = int(heldout["windows"])
-        for metric in ("accuracy", "mcc"):
-            for init, short in MODELS.items():
+        out["lift_covers"] = _covers(heldout.get("lift") or {}, HELDOUT_COVERS)
+        for init, short in MODELS.items():
+            for metric in ("accuracy", "mcc"):
                 if init in heldout and not (metric == "mcc" and init in NO_MCC):
-                    out[f"{METRICS[metric]}_{short}"] = rate(heldout[init][metric]["point"])
+                    out[f"{short}_{METRICS[metric]}"] = rate(heldout[init][metric]["point"])
     else:
         lift = finetune_report.get("lift") or {}
         for metric, m in METRICS.items():
             if metric in lift:
                 out |= _interval(f"oof_lift_{m}", lift[metric])
-        out["covers"] = _covers(lift, OOF_COVERS)
-        out["heldout_windows"] = 0
-    out["encoder"] = encoder
+        out["oof_lift_covers"] = _covers(lift, OOF_COVERS)
+    out["selected_encoder"] = encoder
     if encoder_val_loss is not None:
-        out["encoder_val_loss"] = loss(encoder_val_loss)
+        out["selected_val_loss"] = loss(encoder_val_loss)
+    out["test_windows"] = int(heldout.get("windows") or 0)
     return out

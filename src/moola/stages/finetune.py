@@ -129,7 +129,9 @@ def run(p: Params, encoder: Path, ablation: str | None) -> None:
     io.write_text(CURVES, result.curves.to_csv(index=False, float_format="%.6f", lineterminator="\n"))
     io.write_json(FINETUNE_METRICS, report)
     # The encoder's own record of its validation loss: no dep on select's report.
-    io.write_json(ANSWER, answer.headline(report, report["selected_encoder"], checkpoint.training["best_val_loss"]))
+    # Not sorted: the lift first, as `dvc exp show` and `dvc metrics diff` list the keys in file order.
+    io.write_json(ANSWER, answer.headline(report, report["selected_encoder"], checkpoint.training["best_val_loss"]),
+                  sort_keys=False)
     print(f"wrote {ANSWER}, {FINETUNE_METRICS}, {OOF_PREDICTIONS}", flush=True)
 
 
