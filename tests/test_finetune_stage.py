@@ -19,6 +19,7 @@ from torch import nn
 import shutil
 
 from conftest import ROOT, run
+from moola.answer import headline
 from moola.evaluation import METRICS
 from moola.models import save_encoder_checkpoint
 from moola.params import CLASS_NAMES, load_params
@@ -71,6 +72,14 @@ def test_finetune_metrics_layout(pipeline):
     assert report["selected_encoder"] == selected["selected"]
     assert md5(pipeline / "data/selected/encoder.pt") == md5(pipeline / selected["encoder"])
     assert set(selected["candidates"]) == set(p.experiments)
+    # The headline is finetune.json's held-out numbers, and the selected encoder's own best validation loss.
+    answer = json.loads((pipeline / "metrics/answer.json").read_text())
+    checkpoint = torch.load(pipeline / "data/selected/encoder.pt", weights_only=True)
+    assert answer == headline(report, selected["selected"], checkpoint["training"]["best_val_loss"])
+    lift = report["heldout"]["lift"]["accuracy"]
+    assert answer["lift_acc"] == round(lift["point"], 3) and answer["test_windows"] == report["heldout"]["windows"]
+    assert answer["selected_val_loss"] == pytest.approx(selected["candidates"][selected["selected"]]["best_val_loss"],
+                                                       rel=1e-3)
 
 
 def test_oof_predictions_cover_every_window_once_per_seed_and_init(pipeline):
@@ -113,8 +122,8 @@ def test_ablation_rows_carry_their_encoders_pretraining_loss(pipeline):
 
 
 def test_rerun_gives_the_same_bytes_and_repro_is_a_no_op(pipeline):
-    outputs = ["data/finetune/oof_predictions.parquet", "metrics/finetune.json", "plots/finetune/curves.csv",
-               "plots/finetune/confusion_pretrained.csv", "dvc.lock"]
+    outputs = ["data/finetune/oof_predictions.parquet", "metrics/finetune.json", "metrics/answer.json",
+               "plots/finetune/curves.csv", "plots/finetune/confusion_pretrained.csv", "dvc.lock"]
     before = {path: md5(pipeline / path) for path in outputs}
     run(["dvc", "repro", "-f", "-s", "finetune"], pipeline, timeout=900)
     assert {path: md5(pipeline / path) for path in outputs} == before

@@ -1,5 +1,6 @@
 """The laptop tour and the experiment workflow of the README, through real `dvc exp run` at a tiny scale:
-`moola tour`, then `dvc exp run -S mask=random`, `dvc metrics diff`, `dvc params diff` and `dvc exp show`.
+`moola tour`, then `dvc exp run -S mask=random`, `dvc metrics diff`, `dvc params diff` and `dvc exp show`
+(README, "Comparing experiments": the headline first, the detail one step away).
 
 The tour starts from a copy of the session's reference run (pipeline_runs: every stage really trained), shrunk
 by -S to that run's params, so DVC restores its stages from the run-cache instead of training them again; the
@@ -14,8 +15,10 @@ import json
 import shutil
 
 import pytest
+import yaml
 
 from conftest import run
+from moola import paths
 from moola.params import CLASS_NAMES, load_params
 
 pytest_plugins = ["pipeline_runs"]
@@ -30,6 +33,18 @@ SHRINK = [
     "-S", "pretrain.hidden_size=16", "-S", "pretrain.decoder_hidden=8", "-S", "finetune.hidden_size=16",
     "-S", "finetune.folds=2", "-S", "finetune.seeds=[1337]",
 ]
+# README, "Comparing experiments": the recipe that makes `dvc exp show` fit a terminal.
+EXP_SHOW_RECIPE = ["--only-changed", "--drop", "Created|.*/"]
+# The detailed reports: plain stage outputs (cached and pushed), not DVC metrics.
+DETAILED = [paths.pretrain_metrics("exp1_baseline"), paths.SELECT_METRICS, paths.FINETUNE_METRICS, paths.CURVE_METRICS]
+
+
+def _metric_names(entry: dict) -> set[str]:
+    """The metric columns `dvc exp show` makes of one row of its --json (file:key; nested keys joined by '.')."""
+    def flat(d: dict, prefix: str = "") -> set[str]:
+        return set().union(*(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k} for k, v in d.items()))
+    return {f"{path}:{name}" for path, m in (entry["data"].get("metrics") or {}).items()
+            for name in flat(m.get("data") or {})}
 
 
 @pytest.fixture(scope="module")
@@ -107,26 +122,54 @@ def test_mask_override_reruns_only_what_follows_the_top_level_mask(toured):
 
     params = json.loads(run(["dvc", "params", "diff", "--json"], repo).stdout)
     assert params == {"params.yaml": {"mask": {"old": "patch", "new": "random"}}}  # the one param changed
-    diff = run(["dvc", "metrics", "diff", "--json"], repo).stdout
-    changed = json.loads(diff)
+    # `dvc metrics diff`: the headline alone, every key of it (--all), the lift first, one screen.
+    answer = json.loads((repo / paths.ANSWER).read_text())
+    everything = json.loads(run(["dvc", "metrics", "diff", "--all", "--json"], repo).stdout)
+    assert list(everything) == [paths.ANSWER] and set(everything[paths.ANSWER]) == set(answer)
+    assert {key: d["new"] for key, d in everything[paths.ANSWER].items()} == answer
+    table = run(["dvc", "metrics", "diff"], repo).stdout.splitlines()
+    assert len(table) < 30
+    if len(table) > 1:  # nothing changed when the selected encoder is one that pins its own mask
+        assert table[0].split()[:2] == ["Path", "Metric"] and table[1].split()[1].startswith("lift_"), table
+    # The detail is one step away: the pretraining reports of the re-trained experiments changed, the others not.
+    targets = [paths.pretrain_metrics(exp) for exp in EXPERIMENTS]
+    changed = json.loads(run(["dvc", "metrics", "diff", "--json", "--targets", *targets], repo).stdout)
     for exp in ("exp1_baseline", "exp2_conservative", "exp3_aggressive"):
-        m = json.loads((repo / f"metrics/pretrain/{exp}.json").read_text())
-        assert changed[f"metrics/pretrain/{exp}.json"]["mask"] == {"old": "patch", "new": "random"}, exp
-        assert changed[f"metrics/pretrain/{exp}.json"]["best_val_loss"]["new"] == m["best_val_loss"], exp
-    # Experiments that pin their own mask did not re-run: their metrics are unchanged.
-    assert "metrics/pretrain/exp4_block_mask.json" not in changed
-    assert "metrics/pretrain/exp5_random_mask.json" not in changed
-    # `dvc exp show`: the workspace and the new experiment (under the tour's commit) ran with mask random and
-    # carry the re-trained exp1's metrics; the commit itself keeps patch.
+        m = json.loads((repo / paths.pretrain_metrics(exp)).read_text())
+        assert changed[paths.pretrain_metrics(exp)]["mask"] == {"old": "patch", "new": "random"}, exp
+        assert changed[paths.pretrain_metrics(exp)]["best_val_loss"]["new"] == m["best_val_loss"], exp
+    # Experiments that pin their own mask did not re-run: their reports are unchanged.
+    assert paths.pretrain_metrics("exp4_block_mask") not in changed
+    assert paths.pretrain_metrics("exp5_random_mask") not in changed
+    # The detailed reports are stage outputs that DVC caches, not DVC metrics; `moola report` reads them (the
+    # tour's table, test above).
+    lock_outs = {o["path"] for stage in yaml.safe_load((repo / "dvc.lock").read_text())["stages"].values()
+                 for o in stage.get("outs", [])}
+    assert {paths.ANSWER, *DETAILED} <= lock_outs
+    shown_metrics = json.loads(run(["dvc", "metrics", "show", "--json"], repo).stdout)
+    assert list(shown_metrics[""]["data"]) == [paths.ANSWER]
+
+    # `dvc exp show`: the workspace and the new experiment (under the tour's commit) ran with mask random;
+    # the commit itself keeps patch. Every row has the headline and nothing else as metrics.
     shown = json.loads(run(["dvc", "exp", "show", "--json"], repo).stdout)
     workspace = next(e for e in shown if e["rev"] == "workspace")
     head = next(e for e in shown if e["rev"] != "workspace" and e.get("experiments"))
     new = head["experiments"][0]["revs"][0]
-    exp1 = json.loads((repo / "metrics/pretrain/exp1_baseline.json").read_text())
     for entry, mask in ((workspace, "random"), (new, "random"), (head, "patch")):
         assert entry["data"]["params"]["params.yaml"]["data"]["mask"] == mask, entry["rev"]
-        metrics = entry["data"]["metrics"]
-        assert metrics["metrics/pretrain/exp1_baseline.json"]["data"]["mask"] == mask, entry["rev"]
-        assert metrics["metrics/pretrain/exp4_block_mask.json"]["data"]["mask"] == "block", entry["rev"]
+        assert list(entry["data"]["metrics"]) == [paths.ANSWER], entry["rev"]
     for entry in (workspace, new):
-        assert entry["data"]["metrics"]["metrics/pretrain/exp1_baseline.json"]["data"] == exp1
+        assert entry["data"]["metrics"][paths.ANSWER]["data"] == answer
+    metric_columns = set().union(*map(_metric_names, (workspace, head, new)))
+    assert len(metric_columns) <= 40 and f"{paths.ANSWER}:lift_acc" in metric_columns
+    # By default (every param and dep too) the first columns after the row's own are the headline's, lift first.
+    header = next(csv.reader(io.StringIO(run(["dvc", "exp", "show", "--csv"], repo).stdout)))
+    own = {"Experiment", "rev", "typ", "Created", "parent", "State", "Executor"}  # the row's own columns
+    assert [c for c in header if c not in own][:3] == ["lift_acc", "lift_acc_lo", "lift_acc_hi"], header
+    assert len([c for c in header if c in answer]) == len(answer) <= 40
+    # The README's recipe: only what differs, no deps; a 240-column terminal shows every cell, the mask among them.
+    recipe = next(csv.reader(io.StringIO(run(["dvc", "exp", "show", "--csv", *EXP_SHOW_RECIPE], repo).stdout)))
+    assert "mask" in recipe and not any("/" in c for c in recipe) and "Created" not in recipe, recipe
+    table = run(["dvc", "exp", "show", "--no-pager", *EXP_SHOW_RECIPE], repo, env={"COLUMNS": "240"}).stdout
+    assert "…" not in table and "lift_acc" in table and "random" in table, table
+    assert max(map(len, table.splitlines())) <= 240

@@ -94,9 +94,10 @@ def write_text(path: str | os.PathLike, text: str) -> None:
     write_bytes(path, data, f"text ({_size(len(data))})")
 
 
-def write_json(path: str | os.PathLike, obj: Any) -> None:
-    # Sorted keys and a fixed float format keep the bytes identical between identical runs.
-    data = (json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n").encode("utf-8")
+def write_json(path: str | os.PathLike, obj: Any, sort_keys: bool = True) -> None:
+    # Sorted keys and a fixed float format keep the bytes identical between identical runs. sort_keys=False keeps
+    # the caller's order (DVC shows a metrics file's keys in file order), which must then be fixed itself.
+    data = (json.dumps(obj, indent=2, sort_keys=sort_keys, allow_nan=False) + "\n").encode("utf-8")
     write_bytes(path, data, f"JSON ({_size(len(data))})")
 
 

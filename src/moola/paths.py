@@ -32,6 +32,7 @@ SELECTED_ENCODER = "data/selected/encoder.pt"
 SELECT_METRICS = "metrics/select.json"
 
 # finetune
+ANSWER = "metrics/answer.json"  # the headline (moola.answer): the one file dvc.yaml declares as DVC metrics
 OOF_PREDICTIONS = "data/finetune/oof_predictions.parquet"
 FINETUNE_METRICS = "metrics/finetune.json"
 FINETUNE_CURVES = "plots/finetune/curves.csv"
@@ -44,6 +45,6 @@ ablation_metrics = "metrics/ablation/{}.json".format
 CURVE_METRICS = "metrics/label_curve.json"
 CURVE_PLOT = "plots/label_curve.csv"
 
-# Not stage outputs: run-specific facts (`dvc metrics show` lists them through dvc.yaml's top-level metrics).
+# Not stage outputs: run-specific facts (`dvc metrics show metrics/runtime` lists them).
 RUNTIME_DIR = "metrics/runtime"
 runtime = (RUNTIME_DIR + "/{}.json").format

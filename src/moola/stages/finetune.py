@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from moola import finetuning, io, paths
+from moola import answer, finetuning, io, paths
 from moola.device import describe
 from moola.errors import DataError, ParamsError, run_main
 from moola.evaluation import heldout_by_period, heldout_warning, success_criteria
@@ -28,6 +28,7 @@ TEST = Path(paths.TEST)
 SELECTED_ENCODER = Path(paths.SELECTED_ENCODER)
 OOF_PREDICTIONS = Path(paths.OOF_PREDICTIONS)
 FINETUNE_METRICS = Path(paths.FINETUNE_METRICS)
+ANSWER = Path(paths.ANSWER)
 CONFUSION = {init: Path(paths.confusion(init)) for init in finetuning.NETWORK_INITS}
 CURVES = Path(paths.FINETUNE_CURVES)
 ALL_INITS = finetuning.NETWORK_INITS + finetuning.REFERENCE_INITS
@@ -146,7 +147,11 @@ def run(p: Params, encoder: Path, ablation: str | None) -> None:
         io.write_text(path, confusion_csv(result.predictions, init, ft.seeds[0]))
     io.write_text(CURVES, result.curves.to_csv(index=False, float_format="%.6f", lineterminator="\n"))
     io.write_json(FINETUNE_METRICS, report)
-    print(f"wrote {FINETUNE_METRICS}, {OOF_PREDICTIONS}", flush=True)
+    # The encoder's own record of its validation loss: no dep on select's report.
+    # Not sorted: the lift first, as `dvc exp show` and `dvc metrics diff` list the keys in file order.
+    io.write_json(ANSWER, answer.headline(report, report["selected_encoder"], checkpoint.training["best_val_loss"]),
+                  sort_keys=False)
+    print(f"wrote {ANSWER}, {FINETUNE_METRICS}, {OOF_PREDICTIONS}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
