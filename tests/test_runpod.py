@@ -202,11 +202,13 @@ def test_round_trip_over_ssh(sshd, s3_server: S3Server, reference_run, tmp_path)
     assert set(lock) == {"example_market", "prepare", "augment@warp12_x4", *share}  # only the share's upstream
     assert all(lock[name] == reference[name] for name in lock)
     pulled = {p: m for p, m in reference_run.outputs.items()
-              if p.startswith("data/prepared/") or p == "data/augmented/warp12_x4.npy"
+              if p.startswith(("data/example/", "data/prepared/")) or p == "data/augmented/warp12_x4.npy"
               or (p.startswith(("data/pretrained/", "metrics/pretrain/", "plots/pretrain/"))
                   and any(e.split("@")[1] in p for e in share))}
-    # The prepared windows, the share's augmented array, each share's encoder, metrics and plot; nothing else.
-    assert len(pulled) == 3 + 3 * len(share)
+    # The example market, the prepared windows, the share's augmented array, each share's encoder, metrics and
+    # plot (the outputs of the stages the box's dvc.lock records); nothing else.
+    assert set(pulled) == {o["path"] for stage in lock.values() for o in stage.get("outs", [])}
+    assert sum(p.startswith(("data/pretrained/", "metrics/pretrain/", "plots/pretrain/")) for p in pulled) == 3 * len(share)
     assert workspace_md5s(laptop, pulled) == pulled
     assert {p for p in reference_run.outputs if (laptop / p).exists()} == set(pulled)
     assert run(["git", "status", "--porcelain", "--untracked-files=no"], laptop).stdout == ""
