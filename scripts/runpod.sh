@@ -9,7 +9,8 @@
 #   3. give the box the laptop's remote settings (.dvc/config.local: endpoint, credentials);
 #   4. set up Python there (a venv with `pip install -e .`, seeing the image's CUDA torch), unless --python,
 #      and make --remote the box's default remote; then `moola doctor`, the box's first minute: it stops here,
-#      with one line, if training would not use the box's GPU, and prints the precision and speed it will get;
+#      with one line, if training would not use the box's GPU, and prints the precision and speed it will get
+#      (steps 4-6 on the box are scripts/box.sh, the commands that sky/train.yaml runs too);
 #   5. `dvc pull` what the remote already has;
 #   6. start, detached with nohup (it survives a dropped connection), the box's share:
 #      `python -m moola.parallel --jobs N --pull` (the five experiments concurrently, then the rest),
@@ -18,7 +19,7 @@
 #   8. bring the results home: `git fetch` moola-results from the box, fast-forward to it, and `dvc pull` the
 #      files (with --only: that share and its upstream, `dvc pull --with-deps <stages>`).
 # With --dry-run every command is printed instead of run. --attach picks up at step 7 (after a dropped
-# connection). The box's side of step 6 is this script too: `scripts/runpod.sh --on-box` (from the commit).
+# connection). `scripts/runpod.sh --on-box` is `scripts/box.sh train` (step 6 on the box).
 #
 # Defaults come from RUNPOD_HOST, RUNPOD_PORT (22), RUNPOD_KEY; extra ssh options from RUNPOD_SSH_OPTS (they win
 # over the defaults). A new pod's host key is accepted on first contact into .moola/known_hosts (this checkout's
@@ -40,7 +41,7 @@ Options:
                    not the rest of the pipeline (README, "More than one box")
   --attach         only follow a run already started, then bring its results home (steps 7-8)
   --no-fetch       leave the results on the box and the remote (skip step 8)
-  --on-box         (run on the box, by step 6) the box's share: parallel run, dvc push, results commit
+  --on-box         (on the box) the box's share: scripts/box.sh train (parallel run, dvc push, results commit)
 EOF
 }
 
@@ -65,8 +66,6 @@ while [ $# -gt 0 ]; do
 done
 case "$JOBS" in ''|*[!0-9]*|0) echo "error: scripts/runpod.sh: --jobs must be a positive integer, got '$JOBS'" >&2; exit 2 ;; esac
 case "$ONLY" in *[!A-Za-z0-9_@.\ -]*) echo "error: scripts/runpod.sh: --only takes stage names separated by spaces, got '$ONLY'" >&2; exit 2 ;; esac
-# shellcheck disable=SC2206  # a list of stage names, split on spaces on purpose
-ONLY_ARGS=(${ONLY:+--only $ONLY})
 
 LOG_DIR=.moola/logs
 RUN_LOG=$LOG_DIR/runpod.log
@@ -81,25 +80,12 @@ run() {
 }
 say() { printf '==> %s\n' "$*"; }
 
-# ---- The box's share (step 6), run on the box from the repository's root -------------------------------
+# ---- The box's share (step 6): scripts/box.sh train, which sky/train.yaml runs too ----------------------
 if [ "$ON_BOX" = 1 ]; then
-    PY="${BOX_PYTHON:-.venv/bin/python}"
-    export PATH="$(cd "$(dirname "$PY")" 2>/dev/null && pwd || dirname "$PY"):$PATH"  # stages call `python`
-    export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}"
-    sha=$(git rev-parse HEAD)
-    say "box $(hostname): the experiments of $sha, $JOBS at a time"
-    run "$PY" -m moola.parallel --jobs "$JOBS" --pull "${ONLY_ARGS[@]}"
-    say "push outputs and run-cache to the default remote"
-    run "$PY" -m dvc push --run-cache
-    say "commit dvc.lock on branch moola-results"
-    if [ "$DRY_RUN" = 1 ] || ! git diff --quiet -- dvc.lock || [ -n "$(git ls-files --others --exclude-standard dvc.lock)" ]; then
-        run git add dvc.lock
-        run git -c user.name="moola on $(hostname)" -c user.email="moola@$(hostname)" \
-            commit -q -m "Results of $sha on $(hostname): dvc.lock after moola.parallel --jobs $JOBS"
-    fi
-    run git branch -f moola-results HEAD
-    say "done: branch moola-results is $(git rev-parse --short HEAD 2>/dev/null)"
-    exit 0
+    BOX_ARGS=(--jobs "$JOBS" --only "$ONLY")
+    [ -n "$BOX_PYTHON" ] && BOX_ARGS+=(--python "$BOX_PYTHON")
+    [ "$DRY_RUN" = 1 ] && BOX_ARGS+=(--dry-run)
+    exec bash "$(dirname "$0")/box.sh" "${BOX_ARGS[@]}" train
 fi
 
 # ---- The laptop's side -----------------------------------------------------------------------------
@@ -137,7 +123,8 @@ on_box() {
 }
 q() { printf '%q' "$1"; }
 
-BOX_PY="${BOX_PYTHON:-.venv/bin/python}"
+# The box's side is scripts/box.sh (from the commit); --python reaches it as is.
+BOX_OPTS="${BOX_PYTHON:+ --python $(q "$BOX_PYTHON")}"
 # Every command on the box starts in the repository.
 IN_DIR="cd $(q "$BOX_DIR") &&"
 FOLLOW="${SSH[*]} $HOST"
@@ -169,22 +156,16 @@ if [ "$ATTACH" = 0 ]; then
         echo "    (no .dvc/config.local here: the box needs its own credentials, e.g. AWS_* variables or ~/.aws)"
     fi
 
-    say "4. Python on the box"
-    if [ -n "$BOX_PYTHON" ]; then
-        on_box "$IN_DIR PYTHONPATH=src $(q "$BOX_PY") -c 'import dvc, torch, moola.parallel'"
-    else
-        # --system-site-packages: the image's CUDA build of torch satisfies moola's torch requirement.
-        on_box "$IN_DIR { test -x .venv/bin/python || python3 -m venv --system-site-packages .venv; } && .venv/bin/python -m pip install -q -e ."
-    fi
-    on_box "$IN_DIR $(q "$BOX_PY") -m dvc remote default --local $(q "$REMOTE")"
+    say "4. Python on the box, and the remote it uses (scripts/box.sh setup remote)"
+    on_box "$IN_DIR bash scripts/box.sh$BOX_OPTS --remote $(q "$REMOTE") setup remote"
     say "4b. the box's first minute: moola doctor (stops here if training would not use the GPU)"
-    on_box "$IN_DIR PYTHONPATH=src $(q "$BOX_PY") -m moola.doctor"
+    on_box "$IN_DIR bash scripts/box.sh$BOX_OPTS doctor"
 
     say "5. dvc pull what the remote already has"
-    on_box "$IN_DIR $(q "$BOX_PY") -m dvc pull --allow-missing"
+    on_box "$IN_DIR bash scripts/box.sh$BOX_OPTS pull"
 
     say "6. start the experiments on the box (detached: a dropped connection does not stop them)"
-    on_box "$IN_DIR mkdir -p $LOG_DIR && rm -f $LOG_DIR/runpod.exit && { nohup bash -c 'bash scripts/runpod.sh --on-box --jobs $JOBS --python $(q "$BOX_PY")${ONLY:+ --only \"$ONLY\"}; echo \$? > $LOG_DIR/runpod.exit' > $RUN_LOG 2>&1 < /dev/null & echo \$! > $LOG_DIR/runpod.pid; }"
+    on_box "$IN_DIR mkdir -p $LOG_DIR && rm -f $LOG_DIR/runpod.exit && { nohup bash -c 'bash scripts/box.sh$BOX_OPTS --jobs $JOBS${ONLY:+ --only \"$ONLY\"} train; echo \$? > $LOG_DIR/runpod.exit' > $RUN_LOG 2>&1 < /dev/null & echo \$! > $LOG_DIR/runpod.pid; }"
 fi
 
 say "7. follow it (from another terminal, any time):"

@@ -62,11 +62,11 @@ def test_dry_run_prints_the_round_trip_in_order(laptop_repo):
         f"git push -q -f root@gpu.example:{box} HEAD:refs/heads/moola-run",
         f"{ssh} 'cd {box} && git checkout -q -f --detach {sha}'",
         f"{ssh} 'cat > {box}/.dvc/config.local' < .dvc/config.local",  # 3. the remote's settings
-        "python3 -m venv --system-site-packages .venv; } && .venv/bin/python -m pip install -q -e .'",  # 4.
-        "-m dvc remote default --local s3'",
-        f"{ssh} 'cd {box} && PYTHONPATH=src .venv/bin/python -m moola.doctor'",  # the box's first minute
-        "-m dvc pull --allow-missing'",  # 5. what the remote has
-        "nohup bash -c 'bash scripts/runpod.sh --on-box --jobs 5 --python .venv/bin/python;",  # 6. detached
+        # 4-6 on the box are scripts/box.sh, which sky/train.yaml runs too (test_sky.py)
+        f"{ssh} 'cd {box} && bash scripts/box.sh --remote s3 setup remote'",  # 4. venv, default remote
+        f"{ssh} 'cd {box} && bash scripts/box.sh doctor'",  # the box's first minute
+        f"{ssh} 'cd {box} && bash scripts/box.sh pull'",  # 5. what the remote has
+        "nohup bash -c 'bash scripts/box.sh --jobs 5 train;",  # 6. detached
         "tail -n +1 --pid=$(cat .moola/logs/runpod.pid) -f .moola/logs/runpod.log",  # 7. follow it
         "cat .moola/logs/runpod.exit",
         f"git fetch -q root@gpu.example:{box} +refs/heads/moola-results:refs/heads/moola-results",  # 8. home
@@ -86,8 +86,10 @@ def test_dry_run_prints_the_round_trip_in_order(laptop_repo):
                env={"RUNPOD_SSH_OPTS": "-o StrictHostKeyChecking=no"}).stdout
     assert "+ ssh -p 22 -o StrictHostKeyChecking=no -o BatchMode=yes" in mine and "'test -d moola/.git" in mine
 
-    # The box's share, as the box runs it.
+    # The box's share, as the box runs it: --on-box is scripts/box.sh train.
     box = commands(run(["bash", SCRIPT, "--on-box", "--dry-run", "--jobs", "3", "--python", "/opt/py"], laptop_repo).stdout)
+    assert box == commands(run(["bash", "scripts/box.sh", "--dry-run", "--jobs", "3", "--python", "/opt/py", "train"],
+                               laptop_repo).stdout)
     assert box[0] == "/opt/py -m moola.parallel --jobs 3 --pull"
     assert box[1] == "/opt/py -m dvc push --run-cache"
     assert box[2] == "git add dvc.lock" and " commit -q -m Results\\ of\\ " in box[3]
@@ -200,11 +202,13 @@ def test_round_trip_over_ssh(sshd, s3_server: S3Server, reference_run, tmp_path)
     assert set(lock) == {"example_market", "prepare", "augment@warp12_x4", *share}  # only the share's upstream
     assert all(lock[name] == reference[name] for name in lock)
     pulled = {p: m for p, m in reference_run.outputs.items()
-              if p.startswith("data/prepared/") or p == "data/augmented/warp12_x4.npy"
+              if p.startswith(("data/example/", "data/prepared/")) or p == "data/augmented/warp12_x4.npy"
               or (p.startswith(("data/pretrained/", "metrics/pretrain/", "plots/pretrain/"))
                   and any(e.split("@")[1] in p for e in share))}
-    # The prepared windows, the share's augmented array, each share's encoder, metrics and plot; nothing else.
-    assert len(pulled) == 3 + 3 * len(share)
+    # The example market, the prepared windows, the share's augmented array, each share's encoder, metrics and
+    # plot (the outputs of the stages the box's dvc.lock records); nothing else.
+    assert set(pulled) == {o["path"] for stage in lock.values() for o in stage.get("outs", [])}
+    assert sum(p.startswith(("data/pretrained/", "metrics/pretrain/", "plots/pretrain/")) for p in pulled) == 3 * len(share)
     assert workspace_md5s(laptop, pulled) == pulled
     assert {p for p in reference_run.outputs if (laptop / p).exists()} == set(pulled)
     assert run(["git", "status", "--porcelain", "--untracked-files=no"], laptop).stdout == ""
