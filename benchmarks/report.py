@@ -6,6 +6,7 @@ import dataclasses
 from pathlib import Path
 
 from moola import io
+from moola.finetuning import NETWORK_INITS
 from moola.params import Params, ScaleParams
 from moola.throughput import TARGET_RATIO
 
@@ -23,8 +24,9 @@ def spec_estimate(p: Params, loop_sps: float, epoch_other_s: float, finetune_epo
     pretrain_s = sum(e["seconds"] for e in experiments.values())
     augment_s = sum(train_windows * r.multiplier * augment_s_per_window for r in spec.augment.recipes.values())
     ft = spec.finetune
-    # finetune trains pretrained + scratch; each finetune_ablation@<exp> trains the pretrained init only.
-    fold_runs = ft.folds * len(ft.seeds) * (2 + len(spec.experiments))
+    # finetune trains every network init (pretrained, scratch, scratch_same_schedule); each finetune_ablation@<exp>
+    # trains the pretrained init only.
+    fold_runs = ft.folds * len(ft.seeds) * (len(NETWORK_INITS) + len(spec.experiments))
     finetune_s = fold_runs * spec.finetune_epochs * finetune_epoch_s
     total = prepare_s + augment_s + pretrain_s + finetune_s
     return {
@@ -37,7 +39,7 @@ def spec_estimate(p: Params, loop_sps: float, epoch_other_s: float, finetune_epo
         "total_seconds": total,
         "total_hours": total / 3600,
         "method": "per experiment: epochs x (train samples / loop samples/s + validation-and-setup seconds); "
-                  "fine-tuning: folds x seeds x (2 + experiments) fold runs x epochs x seconds per epoch; "
+                  "fine-tuning: folds x seeds x (3 network inits + experiments) fold runs x epochs x seconds per epoch; "
                   "plus prepare and the three augment recipes",
     }
 

@@ -16,8 +16,7 @@ from sklearn.metrics import matthews_corrcoef
 
 from moola import market
 from moola.errors import DataError, ParamsError
-from moola.evaluation import heldout_by_period
-from moola.finetuning import cv_report, cv_splitter, fold_splits, heldout_report, purged_splits
+from moola.finetuning import cv_report, cv_splitter, fold_splits, heldout_by_period, heldout_report, purged_splits
 from moola.params import load_params, parse_params
 from moola.preparation import prepare
 from moola.windows import (
@@ -226,21 +225,23 @@ def test_walk_forward_splits_the_heldout_windows_into_consecutive_periods():
     pretrained_in_time = np.where(np.arange(n) < 51, labels_in_time, 1 - labels_in_time)
     file_order = rng.permutation(n)  # the held-out file need not be in time order
     labels, starts = labels_in_time[file_order], in_time[file_order]
-    proba = {"pretrained": np.eye(2)[pretrained_in_time[file_order]], "scratch": np.eye(2)[labels]}
-    first, second = heldout_by_period(labels, proba, starts, 2, 200, 7)
+    # Class predictions: pretrained (replicates, seeds, n) from one encoder and one seed, scratch (seeds, n).
+    proba = {"pretrained": pretrained_in_time[file_order][None, None], "scratch": labels[None]}
+    kw = {"resamples": 200, "seed": 7, "block": 1, "seeds": [7], "replicates": ["r"], "folds": 1}
+    first, second = heldout_by_period(labels, proba, starts, 2, **kw)
     assert (first["windows"], second["windows"]) == (51, 50)
     assert (first["first_start"], first["last_start"]) == tuple(np.datetime_as_string(in_time[[0, 50]], unit="s"))
     assert second["first_start"] == np.datetime_as_string(in_time[51], unit="s")
     assert first["pretrained"]["accuracy"]["point"] == 1.0 and second["pretrained"]["accuracy"]["point"] == 0.0
     assert second["lift"]["accuracy"]["point"] == -1.0 and first["lift"]["accuracy"]["point"] == 0.0
     assert sum(first["class_counts"].values()) == 51
-    three = heldout_by_period(labels, {"pretrained": proba["pretrained"]}, starts, 3, 200, 7)
+    three = heldout_by_period(labels, {"pretrained": proba["pretrained"]}, starts, 3, **kw)
     assert [e["windows"] for e in three] == [34, 34, 33] and "lift" not in three[0]
     mcc = matthews_corrcoef(labels_in_time[:34], pretrained_in_time[:34])
     assert three[0]["pretrained"]["mcc"]["point"] == pytest.approx(mcc, abs=1e-6)
     # One period is the whole held-out set: the same points as the held-out table.
-    (whole,) = heldout_by_period(labels, proba, starts, 1, 200, 7)
-    table = heldout_report(labels, proba, 200, 7, models=1)
+    (whole,) = heldout_by_period(labels, proba, starts, 1, **kw)
+    table = heldout_report(labels, proba, **kw)
     assert whole["pretrained"]["accuracy"]["point"] == table["pretrained"]["accuracy"]["point"]
     assert whole["lift"]["mcc"]["point"] == table["lift"]["mcc"]["point"]
 

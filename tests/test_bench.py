@@ -76,7 +76,7 @@ def test_quick_run_prints_the_table_and_writes_the_json(tmp_path):
     exp1 = e["experiments"]["exp1_baseline"]
     assert exp1["epochs"] == 75 and exp1["train_samples"] == 47_490  # the spec, whatever was measured
     assert positive(e["total_seconds"]) and e["total_seconds"] > e["pretrain_seconds"]
-    assert e["finetune_fold_runs"] == 5 * 3 * (2 + 5)
+    assert e["finetune_fold_runs"] == 5 * 3 * (3 + 5)  # three network inits, five ablation encoders
 
 
 def test_absent_device_is_a_one_line_error():

@@ -29,7 +29,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 STAGES = ["prepare", "augment", "pretrain", "select", "finetune"]
 MISSING = [s for s in STAGES if not (ROOT / "src/moola/stages" / f"{s}.py").exists()]
-INITS = ["pretrained", "scratch", "majority", "logreg"]
+INITS = ["pretrained", "scratch", "scratch_same_schedule", "majority", "logreg"]
 
 
 def md5(path: Path) -> str:
@@ -56,13 +56,14 @@ def test_finetune_metrics_layout(pipeline):
         for metric in METRICS:
             assert set(report[init][metric]) == {"mean", "std"}
     assert report["majority"]["recall_retracement"]["mean"] == 0.0
-    for metric in ("accuracy", "balanced_accuracy"):
-        lift = report["lift"][metric]
-        assert lift["ci_low"] <= lift["point"] <= lift["ci_high"]
-        assert isinstance(lift["inside_noise"], bool)
-        expected = report["pretrained"][metric]["mean"] - report["scratch"][metric]["mean"]
-        assert lift["point"] == pytest.approx(expected, abs=1e-5)
-    assert report["lift"]["resamples"] == p.finetune.bootstrap and "one window of 89" in report["lift"]["verdict"]
+    for name, other in (("lift", "scratch"), ("lift_same_schedule", "scratch_same_schedule")):
+        for metric in ("accuracy", "balanced_accuracy"):
+            lift = report[name][metric]
+            assert lift["ci_low"] <= lift["point"] <= lift["ci_high"]
+            assert isinstance(lift["contains_zero"], bool)
+            expected = report["pretrained"][metric]["mean"] - report[other][metric]["mean"]
+            assert lift["point"] == pytest.approx(expected, abs=1e-5)
+        assert report[name]["resamples"] == p.finetune.bootstrap and "one window of 89" in report[name]["verdict"]
     assert set(report["criteria"]) == {"accuracy_above_64pct", "retracement_recall_above_40pct",
                                        "every_class_recall_above_30pct", "all_met"}
     assert report["windows"] == 89 and report["folds"] == p.finetune.folds and report["seeds"] == p.finetune.seeds
@@ -98,13 +99,14 @@ def test_oof_predictions_cover_every_window_once_per_seed_and_init(pipeline):
     assert np.allclose(oof["p_consolidation"] + oof["p_retracement"], 1.0)
     assert set(oof["fold"]) == set(range(p.finetune.folds))
 
-    for init in ("pretrained", "scratch"):
+    for init in ("pretrained", "scratch", "scratch_same_schedule"):
         confusion = pd.read_csv(pipeline / f"plots/finetune/confusion_{init}.csv")
         assert list(confusion.columns) == ["actual", "predicted"] and len(confusion) == 89
         assert set(confusion["actual"]) <= set(CLASS_NAMES) and set(confusion["predicted"]) <= set(CLASS_NAMES)
     curves = pd.read_csv(pipeline / "plots/finetune/curves.csv")
-    assert list(curves.columns) == ["epoch", "pretrained_train_loss", "pretrained_val_loss",
-                                    "scratch_train_loss", "scratch_val_loss"]
+    assert list(curves.columns) == ["epoch"] + [
+        f"{init}_{loss}" for init in ("pretrained", "scratch", "scratch_same_schedule")
+        for loss in ("train_loss", "val_loss")]
     assert curves["epoch"].tolist() == [1, 2]
 
 
@@ -123,7 +125,8 @@ def test_ablation_rows_carry_their_encoders_pretraining_loss(pipeline):
 
 def test_rerun_gives_the_same_bytes_and_repro_is_a_no_op(pipeline):
     outputs = ["data/finetune/oof_predictions.parquet", "metrics/finetune.json", "metrics/answer.json",
-               "plots/finetune/curves.csv", "plots/finetune/confusion_pretrained.csv", "dvc.lock"]
+               "plots/finetune/curves.csv", "plots/finetune/confusion_pretrained.csv",
+               "plots/finetune/lift_per_seed.csv", "dvc.lock"]
     before = {path: md5(pipeline / path) for path in outputs}
     run(["dvc", "repro", "-f", "-s", "finetune"], pipeline, timeout=900)
     assert {path: md5(pipeline / path) for path in outputs} == before

@@ -37,7 +37,7 @@ def snapshots(init_state):
     x, y, _ = data()
     seen = {}
 
-    def on_epoch(epoch, model):
+    def on_epoch(epoch, model, optimizer):
         seen[epoch] = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
     finetuning.train_fold(x[:18], y[:18], x[18:], y[18:], CFG, init_state, seed=1, on_epoch=on_epoch)
@@ -70,6 +70,48 @@ def test_same_seed_same_predictions_different_seed_different():
     assert np.allclose(a.proba.sum(axis=1), 1.0)
 
 
+def schedule(init):
+    """Per epoch: the LSTM's param group (lr, whether its parameters train) and the head's lr, seen by on_epoch."""
+    x, y, _ = data()
+    seen = []
+
+    def on_epoch(epoch, model, optimizer):
+        lstm_group, other_group = optimizer.param_groups
+        assert {id(p) for p in lstm_group["params"]} == {id(p) for p in model.lstm.parameters()}
+        trains = {p.requires_grad for p in lstm_group["params"]}
+        assert len(trains) == 1
+        seen.append((epoch, lstm_group["lr"], trains.pop(), other_group["lr"]))
+
+    finetuning.train_init(init, x[:18], y[:18], x[18:], y[18:], CFG, encoder_state(), 1, "cpu", on_epoch=on_epoch)
+    return seen
+
+
+def test_schedule_matched_control_trains_on_the_pretrained_schedule():
+    pretrained, same, scratch = (schedule(i) for i in ("pretrained", "scratch_same_schedule", "scratch"))
+    # Frozen for freeze_epochs (2 of 3), then the encoder learning rate; the head at the base rate throughout.
+    assert pretrained == [(1, 1e-3, False, 1e-2), (2, 1e-3, False, 1e-2), (3, 1e-3, True, 1e-2)]
+    assert same == pretrained
+    assert scratch == [(1, 1e-2, True, 1e-2), (2, 1e-2, True, 1e-2), (3, 1e-2, True, 1e-2)]
+
+
+def test_schedule_matched_control_shares_scratchs_lstm_and_every_heads_start():
+    x, y, _ = data()
+    starts = {}
+    for init in finetuning.NETWORK_INITS:
+        def first(epoch, model, optimizer, init=init):
+            if epoch == 1:
+                starts[init] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+        finetuning.train_init(init, x[:18], y[:18], None, None, CFG, encoder_state(), 1, "cpu", on_epoch=first)
+    # Frozen in epoch 1, the two LSTMs on the pretrained schedule are still their starts: scratch's random LSTM
+    # (the same fold seed builds the same model) and the encoder's forward direction.
+    torch.manual_seed(1)
+    fresh = finetuning.SimpleLSTM(HIDDEN, 4, 0.1, input_size=4)
+    assert torch.equal(starts["scratch_same_schedule"]["lstm.weight_hh_l0"], fresh.lstm.weight_hh_l0.detach())
+    assert torch.equal(starts["pretrained"]["lstm.weight_hh_l0"], encoder_state()["weight_hh_l0"])
+    assert not torch.equal(starts["scratch"]["lstm.weight_hh_l0"], fresh.lstm.weight_hh_l0.detach())  # it trained
+
+
 def test_class_weights_balance_the_classes():
     weights = finetuning.class_weights(np.array([0, 0, 0, 1]))
     assert weights.tolist() == pytest.approx([4 / 6, 4 / 2])
@@ -86,9 +128,13 @@ def test_too_many_folds_for_the_smallest_class():
 def test_run_oof_predicts_every_window_once_per_seed_and_init():
     x, y, ids = data()
     cfg = dataclasses.replace(CFG, epochs=2, freeze_epochs=1)
-    inits = ("pretrained", "scratch", "majority", "logreg")
+    inits = ("pretrained", "scratch", "scratch_same_schedule", "majority", "logreg")
     logged = []
-    result = finetuning.run_oof(x, y, ids, cfg, [1337, 1338], 3, inits, encoder_state(), log=logged.append)
+    result = finetuning.run_oof(x, y, ids, cfg, [1337, 1338], 3, inits, encoder_state(), log=logged.append,
+                                heldout_values=x[:5])
+    # Per seed, the mean of that seed's 3 fold models: seeds stay apart so that they can be resampled.
+    assert set(result.heldout) == set(inits) and result.heldout["scratch"].shape == (2, 5, 2)
+    assert np.allclose(result.heldout["logreg"].sum(axis=2), 1.0)
     pred = result.predictions
     assert list(pred.columns) == ["window_id", "fold", "seed", "init", "p_consolidation", "p_retracement",
                                   "prediction", "label"]
@@ -98,16 +144,23 @@ def test_run_oof_predicts_every_window_once_per_seed_and_init():
     # Same folds for every init of a seed.
     folds = pred.pivot_table(index=["seed", "window_id"], columns="init", values="fold")
     assert (folds.nunique(axis=1) == 1).all()
-    assert list(result.curves.columns) == ["epoch", "pretrained_train_loss", "pretrained_val_loss",
-                                           "scratch_train_loss", "scratch_val_loss"]
+    assert list(result.curves.columns) == ["epoch"] + [
+        f"{init}_{loss}" for init in finetuning.NETWORK_INITS for loss in ("train_loss", "val_loss")]
     assert len(result.curves) == 2
     assert len(logged) == 2 * len(inits) and "fold-averaged accuracy" in logged[0]
 
     summary = finetuning.summary_report(pred, inits)
     assert set(summary) == set(inits) and set(summary["majority"]["accuracy"]) == {"mean", "std"}
     assert summary["majority"]["recall_retracement"]["mean"] == 0.0
-    lift = finetuning.lift_report(pred, resamples=50, seed=0)
-    assert set(lift) == {"accuracy", "balanced_accuracy", "resamples", "verdict"}
-    assert lift["accuracy"]["point"] == pytest.approx(
-        summary["pretrained"]["accuracy"]["mean"] - summary["scratch"]["accuracy"]["mean"], abs=1e-5
-    )
+    lifts = finetuning.lift_report(pred, resamples=50, seed=0, block="auto")
+    assert set(lifts) == {"lift", "lift_same_schedule"}
+    for name, other in (("lift", "scratch"), ("lift_same_schedule", "scratch_same_schedule")):
+        lift = lifts[name]
+        assert set(lift) == {"accuracy", "balanced_accuracy", "resamples", "verdict"}
+        assert lift["accuracy"]["point"] == pytest.approx(
+            summary["pretrained"]["accuracy"]["mean"] - summary[other]["accuracy"]["mean"], abs=1e-5
+        )
+        # 24 windows: blocks of round(24 ** (1/3)) = 3; two seeds; one encoder.
+        assert lift["accuracy"]["covers"] == ["out-of-fold windows (blocks of 3)", "fine-tuning seeds (2)"]
+        assert f"pretrained - {other}: " in lift["verdict"] and "not over the pretraining run (1 replicate)" in (
+            lift["verdict"])

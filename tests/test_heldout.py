@@ -72,27 +72,50 @@ def test_only_evaluation_stages_depend_on_the_heldout_windows(reference_run):
 
 
 def _check_interval(m: dict) -> None:
-    assert set(m) == {"point", "ci_low", "ci_high"}
+    assert set(m) == {"point", "ci_low", "ci_high", "covers"}
     assert m["ci_low"] <= m["point"] <= m["ci_high"]
+    # conftest.TINY: 300 held-out windows in blocks of round(300 ** (1/3)), one seed, one encoder.
+    assert m["covers"] == ["held-out windows (blocks of 7)"]
 
 
 def test_reference_run_heldout_section_is_well_formed(reference_run):
     report = json.loads((reference_run.repo / "metrics/finetune.json").read_text())
     heldout = report["heldout"]
     assert heldout["windows"] == 300 and sum(heldout["class_counts"].values()) == 300
-    for init in ("pretrained", "scratch", "logreg", "majority"):
+    assert (heldout["block"], heldout["seeds"], heldout["replicates"]) == (7, [1337], [report["selected_encoder"]])
+    for init in ("pretrained", "scratch", "scratch_same_schedule", "logreg", "majority"):
         assert set(heldout[init]) == set(evaluation.BOOTSTRAP_METRICS)
         for metric in heldout[init].values():
             _check_interval(metric)
-    for metric in evaluation.HELDOUT_LIFT_METRICS:
-        lift = heldout["lift"][metric]
-        assert lift["inside_noise"] == (lift["ci_low"] <= 0 <= lift["ci_high"])
-    assert heldout["lift"]["verdict"]
+    for name, other in (("lift", "scratch"), ("lift_same_schedule", "scratch_same_schedule")):
+        for metric in evaluation.HELDOUT_LIFT_METRICS:
+            lift = heldout[name][metric]
+            assert lift["contains_zero"] == (lift["ci_low"] <= 0 <= lift["ci_high"])
+            assert lift["point"] == pytest.approx(
+                heldout["pretrained"][metric]["point"] - heldout[other][metric]["point"], abs=2e-6)
+            assert lift["width_vs_independent_windows"] is None or lift["width_vs_independent_windows"] > 0
+        verdict = heldout[name]["verdict"]
+        assert verdict.startswith(f"pretrained - {other}: ") and "held-out windows (blocks of 7)" in verdict
+        assert "not over the fine-tuning seed (1) or the pretraining run (1 replicate)" in verdict
+        assert "noise" not in verdict
+    # Each (replicate, seed) pair's lift, listed and plotted with the pooled interval.
+    pairs = [pair for pair in heldout["pairs"] if pair["lift"] == "lift"]
+    assert [(pair["replicate"], pair["seed"]) for pair in pairs] == [(report["selected_encoder"], 1337)]
+    assert pairs[0]["accuracy"] == pytest.approx(heldout["lift"]["accuracy"]["point"], abs=1e-6)  # one pair
+    plot = pd.read_csv(reference_run.repo / "plots/finetune/lift_per_seed.csv")
+    assert len(plot) == len(heldout["pairs"]) == 2
+    row = plot[plot["lift"] == "lift_same_schedule"].iloc[0]
+    pooled = heldout["lift_same_schedule"]["mcc"]
+    assert (row["mcc_pooled"], row["mcc_low"], row["mcc_high"]) == pytest.approx(
+        (pooled["point"], pooled["ci_low"], pooled["ci_high"]), abs=1e-6)
+    assert report["lift_same_schedule"]["accuracy"]["covers"][0] == "out-of-fold windows (blocks of 4)"
+    assert report["criteria_scored"].startswith("out of fold")
     # Even the tiny run's 300 windows give an interval narrower than the out-of-fold +-12 points (2000: +-2).
     acc = heldout["pretrained"]["accuracy"]
     assert acc["ci_high"] - acc["ci_low"] < 0.15
     # The out-of-fold section is still there.
     assert "accuracy" in report["lift"] and "mean" in report["pretrained"]["accuracy"]
+    assert "mean" in report["scratch_same_schedule"]["accuracy"]
 
 
 def test_reference_run_label_curve_is_well_formed_and_plotted(reference_run):
@@ -106,9 +129,13 @@ def test_reference_run_label_curve_is_well_formed_and_plotted(reference_run):
                 m = entry[model][metric]
                 assert m["ci_low"] <= m["point"] <= m["ci_high"]
                 assert m["seed_min"] == m["seed_max"] == m["point"]  # one seed: its value is the mean
-        lift = entry["lift"]["accuracy"]
-        expected = entry["pretrained"]["accuracy"]["point"] - entry["scratch"]["accuracy"]["point"]
-        assert lift["point"] == pytest.approx(expected, abs=1e-5)
+        for name, other in (("lift", "scratch"), ("lift_same_schedule", "scratch_same_schedule")):
+            lift = entry[name]["accuracy"]
+            expected = entry["pretrained"]["accuracy"]["point"] - entry[other]["accuracy"]["point"]
+            assert lift["point"] == pytest.approx(expected, abs=1e-5)
+            assert lift["covers"] == ["held-out windows (blocks of 7)"] and "not over the fine-tuning seed (1)" in (
+                entry[name]["verdict"])
+    assert curve["covers"] == ["held-out windows (blocks of 7)"]
     # The majority class predicts the training draw's larger class on every window: its accuracy is that share.
     test = read_windows(repo / TEST_FILE)
     assert curve["sizes"]["20"]["majority"]["accuracy"]["point"] == pytest.approx(np.mean(test.label == 0), abs=1e-6)
@@ -116,8 +143,19 @@ def test_reference_run_label_curve_is_well_formed_and_plotted(reference_run):
     assert len(table) == 2 * len(label_curve.MODELS)
     row = table[(table["labels"] == 45) & (table["model"] == "pretrained")].iloc[0]
     assert row["mcc"] == pytest.approx(curve["sizes"]["45"]["pretrained"]["mcc"]["point"], abs=1e-6)
-    # `dvc plots show` renders both curves with the project's band template (lines and interval bands).
+    # `dvc plots show` renders both curves with the project's band template (lines and interval bands), and the
+    # held-out lift of each (replicate, seed) pair with the pairs template (points, the pooled interval's band).
     shown = json.loads(run(["dvc", "plots", "show", "--json"], repo).stdout)
+    pairs = pd.read_csv(repo / "plots/finetune/lift_per_seed.csv")
+    for title, metric in (("Held-out lift per (replicate, seed) pair, accuracy", "accuracy"),
+                          ("Held-out lift per (replicate, seed) pair, MCC", "mcc")):
+        name = next(k for k in shown["data"] if k.startswith(title))
+        content = shown["data"][name][0]["content"]
+        assert len(content["data"]["values"]) == len(pairs)
+        band, pooled, points = content["layer"]
+        assert band["encoding"]["y"]["field"] == f"{metric}_low" and band["encoding"]["y2"]["field"] == f"{metric}_high"
+        assert pooled["encoding"]["y"]["field"] == f"{metric}_pooled"
+        assert points["encoding"]["y"]["field"] == metric and points["encoding"]["x"]["field"] == "pair"
     for title, metric in (("Held-out accuracy", "accuracy"), ("Held-out MCC", "mcc")):
         name = next(k for k in shown["data"] if k.startswith(title))
         content = shown["data"][name][0]["content"]
@@ -179,11 +217,13 @@ def test_heldout_report_intervals_match_sklearn_points():
     labels = rng.integers(0, 2, 400)
     proba_a = np.eye(2)[np.where(rng.random(400) < 0.7, labels, 1 - labels)]
     proba_b = np.eye(2)[np.where(rng.random(400) < 0.6, labels, 1 - labels)]
-    report = heldout_report(labels, {"pretrained": proba_a, "scratch": proba_b}, 300, 1, models=1)
+    predicted = {"pretrained": proba_a.argmax(1)[None, None], "scratch": proba_b.argmax(1)[None]}
+    report = heldout_report(labels, predicted, 300, 1, "auto", [1337], ["exp"], folds=5)
     assert report["pretrained"]["mcc"]["point"] == pytest.approx(matthews_corrcoef(labels, proba_a.argmax(1)), abs=1e-6)
     assert report["lift"]["accuracy"]["point"] == pytest.approx(
         np.mean(proba_a.argmax(1) == labels) - np.mean(proba_b.argmax(1) == labels), abs=1e-6)
-    assert report == heldout_report(labels, {"pretrained": proba_a, "scratch": proba_b}, 300, 1, models=1)
+    assert report == heldout_report(labels, predicted, 300, 1, "auto", [1337], ["exp"], folds=5)
+    assert report["block"] == 7 and "lift_same_schedule" not in report  # no schedule-matched row given
 
 
 def test_curve_draws_are_stratified_seeded_and_whole_pool_at_its_size():

@@ -77,6 +77,12 @@ def test_top_level_mask_reaches_only_experiments_without_their_own():
         (lambda r: r["data"].update(source="files"), "data.source is gone: prepare reads the files that data.bars"),
         (lambda r: r["finetune"].update(attention_heads=5), "must be divisible by finetune.attention_heads"),
         (lambda r: r["finetune"].update(seeds=[]), "finetune.seeds must be a non-empty list"),
+        (lambda r: r["finetune"].update(seeds=[1, 2, 1]), "finetune.seeds must be distinct, got [1, 2, 1]"),
+        (lambda r: r["curve"].update(seeds=[5, 5, 6]), "curve.seeds must be distinct and not empty"),
+        (lambda r: r["finetune"].update(bootstrap_block=0), "finetune.bootstrap_block must be a positive integer"),
+        (lambda r: r["finetune"].update(bootstrap_block=-3), "finetune.bootstrap_block must be a positive integer"),
+        (lambda r: r["finetune"].update(bootstrap_block="big"), "or auto, got 'big'"),
+        (lambda r: r["finetune"].update(bootstrap_block=True), "finetune.bootstrap_block must be a positive integer"),
         (lambda r: r["finetune"].update(folds=90), "finetune.folds (90) must not exceed data.labeled_windows (89)"),
         (lambda r: r["augment"]["recipes"]["warp12_x4"].update(multiplier=-1), "multiplier must be at least 0"),
     ],
@@ -108,3 +114,13 @@ def test_invalid_yaml_names_the_line(tmp_path):
     path.write_text("seed: 1\nmask: [patch\n")
     with pytest.raises(ParamsError, match=r"params.yaml: not valid YAML at line \d"):
         load_params(path)
+
+
+def test_the_spec_and_the_study_fine_tune_and_draw_the_curve_with_at_least_3_seeds():
+    """The load check asks only for distinct seeds (the tour, a smoke test, runs one); the answer's runs have 3, so
+    that every interval of the spec and the study covers the fine-tuning seeds (README "Results")."""
+    from moola.cli import STUDY_SET
+
+    p = parse_params(spec())
+    assert len(p.finetune.seeds) >= 3 and len(p.curve.seeds) >= 3
+    assert not {"finetune.seeds", "curve.seeds"} & set(STUDY_SET)

@@ -63,32 +63,61 @@ def _ci(m: dict | None, points: bool = False) -> str:
     return f"{m['point']:6.3f} [{m['ci_low']:.2f}, {m['ci_high']:.2f}]"
 
 
+NETWORK_ROWS = ("pretrained", "scratch", "scratch_same_schedule")
+ROWS = (*NETWORK_ROWS, "logreg", "majority")
+LIFT_NAMES = {"lift": "pretrained - scratch", "lift_same_schedule": "pretrained - scratch_same_schedule"}
+
+
+def _lift_cells(lift: dict) -> str:
+    """A lift's accuracy, balanced accuracy and MCC with their intervals (the metrics it holds)."""
+    parts = []
+    for key, name in (("accuracy", "accuracy"), ("balanced_accuracy", "balanced"), ("mcc", "MCC")):
+        m = lift.get(key)
+        if not m:
+            continue
+        if key == "mcc":
+            parts.append(f"{name} {m['point']:+.3f} [{m['ci_low']:+.3f}, {m['ci_high']:+.3f}]")
+        else:
+            parts.append(f"{name} {100 * m['point']:+.1f} points [{100 * m['ci_low']:+.1f}, {100 * m['ci_high']:+.1f}]")
+    return "; ".join(parts)
+
+
 def heldout_lines(h: dict | None) -> list[str]:
-    """The held-out table: every model's ensemble prediction on windows no model trained on, with intervals."""
+    """The held-out table: every model's prediction on windows no model trained on, with intervals."""
     if not h:
         return ["Held-out test set: (not run)"]
     if not h.get("windows"):
         return [f"Held-out test set: none - {h.get('note', 'no held-out set')}; only out-of-fold numbers below"]
     counts = ", ".join(f"{n} {name}" for name, n in h["class_counts"].items())
+    covers = " and ".join(h.get("covers", [])) or "held-out windows"
     lines = [
-        f"Held-out test set ({h['windows']} windows: {counts}; 95% bootstrap intervals; prediction = {h['prediction']})",
-        f"  {'model':<12} {'accuracy':>22} {'balanced':>22} {'recall c0':>22} {'recall c1':>22} {'MCC':>22}",
+        f"Held-out test set ({h['windows']} windows: {counts}; 95% bootstrap intervals over {covers}; "
+        f"prediction = {h['prediction']})",
+        f"  {'model':<22} {'accuracy':>22} {'balanced':>22} {'recall c0':>22} {'recall c1':>22} {'MCC':>22}",
     ]
-    for init in ("pretrained", "scratch", "logreg", "majority"):
+    for init in ROWS:
         m = h.get(init)
         if not m:
             continue
         cells = [_ci(m.get(k), True) for k in ("accuracy", "balanced_accuracy", *(f"recall_{c}" for c in CLASS_NAMES))]
-        lines.append(f"  {init:<12} " + " ".join(f"{c:>22}" for c in cells) + f" {_ci(m.get('mcc')):>22}")
-    lift = h.get("lift")
-    if lift:
-        parts = [f"accuracy {100 * lift['accuracy']['point']:+.1f} points [{100 * lift['accuracy']['ci_low']:+.1f}, "
-                 f"{100 * lift['accuracy']['ci_high']:+.1f}]",
-                 f"balanced {100 * lift['balanced_accuracy']['point']:+.1f} [{100 * lift['balanced_accuracy']['ci_low']:+.1f}, "
-                 f"{100 * lift['balanced_accuracy']['ci_high']:+.1f}]",
-                 f"MCC {lift['mcc']['point']:+.3f} [{lift['mcc']['ci_low']:+.3f}, {lift['mcc']['ci_high']:+.3f}]"]
-        lines.append("  lift (pretrained - scratch): " + "; ".join(parts))
-        lines.append(f"  verdict: {lift['verdict']}")
+        lines.append(f"  {init:<22} " + " ".join(f"{c:>22}" for c in cells) + f" {_ci(m.get('mcc')):>22}")
+    for key, name in LIFT_NAMES.items():
+        lift = h.get(key)
+        if not lift:
+            continue
+        lines.append(f"  {key} ({name}): {_lift_cells(lift)}")
+        ratios = {m: lift[m].get("width_vs_independent_windows") for m in ("accuracy", "balanced_accuracy", "mcc")
+                  if isinstance(lift.get(m), dict)}
+        if any(r is not None for r in ratios.values()):
+            lines.append(f"    interval width vs windows resampled one at a time (blocks of {h.get('block')}): "
+                         + ", ".join(f"{m} x{r:.2f}" for m, r in ratios.items() if r is not None))
+        lines.append(f"    verdict: {lift['verdict']}")
+    pairs = h.get("pairs") or []
+    if pairs:
+        lines.append("  each (replicate, seed) pair's lift on every window (accuracy points; MCC):")
+        for pair in pairs:
+            lines.append(f"    {pair['lift']:<19} replicate {pair['replicate']}, seed {pair['seed']}: "
+                         f"{100 * pair['accuracy']:+.1f}; {pair['mcc']:+.3f}")
     return lines
 
 
@@ -102,7 +131,7 @@ def period_lines(h: dict | None) -> list[str]:
     periods = (h or {}).get("by_period")
     if not periods:
         return []
-    models = [m for m in ("pretrained", "scratch", "logreg", "majority") if m in periods[0]]
+    models = [m for m in ("pretrained", "scratch", "scratch_same_schedule", "logreg", "majority") if m in periods[0]]
     lines = [
         f"  by period (walk-forward: the held-out windows in {len(periods)} consecutive periods of equal size, the "
         "same predictions; accuracy, 95% interval)",
@@ -161,15 +190,14 @@ def report(root: Path = Path("."), ablation: bool = True) -> str:
         )
 
     if ft:
-        for init in ("pretrained", "scratch", "logreg", "majority"):
-            lines.append(row(init, ft.get(init)))
-        lift = ft.get("lift", {}).get("accuracy")
-        if lift:
-            lines.append(
-                f"  lift (pretrained - scratch accuracy): {100 * lift['point']:+.1f} points, "
-                f"95% CI [{100 * lift['ci_low']:+.1f}, {100 * lift['ci_high']:+.1f}]"
-                + (" - inside the noise" if lift.get("inside_noise") else "")
-            )
+        for init in ROWS:
+            if init in ft:
+                lines.append(row(init, ft.get(init)))
+        for key, name in LIFT_NAMES.items():
+            lift = ft.get(key)
+            if lift and "accuracy" in lift:
+                lines.append(f"  {key} ({name}): {_lift_cells(lift)}")
+                lines.append(f"    verdict: {lift.get('verdict', '')}")
     else:
         lines.append("  (not run)")
     lines += [""] + curve_lines(_load(root / paths.CURVE_METRICS))
@@ -188,18 +216,23 @@ def curve_lines(c: dict | None) -> list[str]:
         return ["Label-efficiency curve: (not run)"]
     if not c.get("heldout_windows"):
         return [f"Label-efficiency curve: none - {c.get('note', 'no held-out set')}"]
+    covers = " and ".join(c.get("covers") or [f"the {c['heldout_windows']} held-out windows"])
+    models = [m for m in ROWS if all(m in entry for entry in c["sizes"].values())]
+    lifts = [k for k in LIFT_NAMES if all(k in entry for entry in c["sizes"].values())]
     lines = [
         f"Label-efficiency curve: held-out accuracy (MCC) by labeled windows; mean of {len(c['seeds'])} seed(s), "
-        f"95% bootstrap intervals over the {c['heldout_windows']} held-out windows",
-        f"  {'labels':>6} " + " ".join(f"{m:>32}" for m in ("pretrained", "scratch", "logreg", "majority"))
-        + f" {'lift (accuracy, points)':>26}",
+        f"95% bootstrap intervals over {covers}",
+        f"  {'labels':>6} " + " ".join(f"{m:>32}" for m in models)
+        + "".join(f" {k + ' (accuracy, points)':>36}" for k in lifts),
     ]
     for size, entry in sorted(c["sizes"].items(), key=lambda item: int(item[0])):  # JSON keys sort as text
-        cells = [f"{_ci(entry[m]['accuracy'], True)} ({entry[m]['mcc']['point']:+.2f})"
-                 for m in ("pretrained", "scratch", "logreg", "majority")]
-        lift = entry["lift"]["accuracy"]
-        lift_cell = f"{100 * lift['point']:+.1f} [{100 * lift['ci_low']:+.1f}, {100 * lift['ci_high']:+.1f}]"
-        lines.append(f"  {size:>6} " + " ".join(f"{cell:>32}" for cell in cells) + f" {lift_cell:>26}")
+        cells = [f"{_ci(entry[m]['accuracy'], True)} ({entry[m]['mcc']['point']:+.2f})" for m in models]
+        lift_cells = [
+            f"{100 * entry[k]['accuracy']['point']:+.1f} [{100 * entry[k]['accuracy']['ci_low']:+.1f}, "
+            f"{100 * entry[k]['accuracy']['ci_high']:+.1f}]" for k in lifts
+        ]
+        lines.append(f"  {size:>6} " + " ".join(f"{cell:>32}" for cell in cells)
+                     + "".join(f" {cell:>36}" for cell in lift_cells))
     if c.get("skipped_sizes"):
         lines.append(f"  sizes {c['skipped_sizes']} left out: the label pool has {c['pool_windows']} windows")
     return lines

@@ -1,4 +1,5 @@
-"""Classification metrics, their summary over seeds, the paired bootstrap of the lift, and the reference rows.
+"""Classification metrics, their summary over seeds, the hierarchical paired bootstrap of the lift, and the
+reference rows.
 
 The reference rows are what any claim of transfer must beat on the same folds: the majority class (the
 reference document's "before pretraining": 57.1% accuracy, retracement recall 0%) and a logistic regression on
@@ -8,6 +9,7 @@ a handful of window statistics.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from sklearn.dummy import DummyClassifier
@@ -23,7 +25,8 @@ from sklearn.metrics import (
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from moola.params import CLASS_NAMES
+from moola.errors import ParamsError
+from moola.params import CLASS_NAMES, PARAMS_FILE
 
 LABELS = list(range(len(CLASS_NAMES)))
 METRICS = (
@@ -83,21 +86,30 @@ def success_criteria(summary: dict[str, dict[str, float]]) -> dict[str, bool]:
 
 
 # --- bootstrap ------------------------------------------------------------------------------------------------
-# Every metric is computed from `counts` (resamples, n): how often each window was drawn. The point estimate is the
-# same function with counts of one, so a metric's value and its interval come from one implementation.
+# A hierarchical bootstrap over the three sources of variation of a fine-tuned model's score: which pretraining run
+# made its encoder (replicates), which fine-tuning seed trained it (fold split, head initialisation, batch order),
+# and which windows the market happened to produce (resampled in blocks of consecutive windows, since neighbouring
+# windows share volatility clusters). Every metric is computed from `counts` (resamples, n): how often each window
+# was drawn. The point estimate is the same function with counts of one, so a metric's value and its interval come
+# from one implementation.
+#
+# Predictions are class predictions shaped (replicates, seeds, n) for a model fine-tuned from an encoder, or
+# (seeds, n) for one without an encoder (scratch, the reference rows): those have no replicate axis and pair with
+# every replicate by seed. A model's score is the mean over its (replicate, seed) pairs of the metric on the windows.
 
 
 def _accuracy_from_counts(counts: np.ndarray, predicted: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """Accuracy of each resample; counts (resamples, n), predicted and labels (n,)."""
-    return counts @ (predicted == labels).astype(np.float64) / counts.sum(axis=1)
+    """Accuracy of each resample and row; counts (resamples, n), predicted (rows, n), labels (n,) -> (resamples, rows)."""
+    return counts @ (predicted == labels).T.astype(np.float64) / counts.sum(axis=1)[:, None]
 
 
 def _recall_from_counts(cls: int) -> Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]:
     def recall(counts: np.ndarray, predicted: np.ndarray, labels: np.ndarray) -> np.ndarray:
         member = (labels == cls).astype(np.float64)
-        total = counts @ member
+        total = (counts @ member)[:, None]
+        hits = counts @ ((predicted == cls) * member).T.astype(np.float64)
         # A resample without the class has no recall for it (NaN; percentiles skip it).
-        return np.where(total > 0, counts @ (member * (predicted == cls)) / np.maximum(total, 1), np.nan)
+        return np.where(total > 0, hits / np.maximum(total, 1), np.nan)
 
     return recall
 
@@ -109,14 +121,14 @@ def _balanced_accuracy_from_counts(counts: np.ndarray, predicted: np.ndarray, la
 
 
 def _mcc_from_counts(counts: np.ndarray, predicted: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """Matthews correlation (multi-class form, as sklearn's) from the weighted confusion matrix of each resample;
-    0 where it is undefined (a resample with one class, or one predicted class), as sklearn returns."""
-    s = counts.sum(axis=1)
-    correct = counts @ (predicted == labels).astype(np.float64)
-    t = np.stack([counts @ (labels == k).astype(np.float64) for k in LABELS], axis=1)  # true class totals
-    p = np.stack([counts @ (predicted == k).astype(np.float64) for k in LABELS], axis=1)  # predicted totals
-    numerator = correct * s - np.sum(t * p, axis=1)
-    denominator = np.sqrt((s**2 - np.sum(p**2, axis=1)) * (s**2 - np.sum(t**2, axis=1)))
+    """Matthews correlation (multi-class form, as sklearn's) from the weighted confusion matrix of each resample and
+    row; 0 where it is undefined (a resample with one class, or one predicted class), as sklearn returns."""
+    s = counts.sum(axis=1)[:, None]
+    correct = counts @ (predicted == labels).T.astype(np.float64)
+    t = np.stack([counts @ (labels == k).astype(np.float64) for k in LABELS], axis=1)[:, None, :]  # true totals
+    p = np.stack([counts @ (predicted == k).T.astype(np.float64) for k in LABELS], axis=2)  # predicted totals
+    numerator = correct * s - np.sum(t * p, axis=2)
+    denominator = np.sqrt((s**2 - np.sum(p**2, axis=2)) * (s**2 - np.sum(t**2, axis=2)))
     return np.where(denominator > 0, numerator / np.where(denominator > 0, denominator, 1.0), 0.0)
 
 
@@ -131,40 +143,142 @@ OOF_LIFT_METRICS = ("accuracy", "balanced_accuracy")
 HELDOUT_LIFT_METRICS = ("accuracy", "balanced_accuracy", "mcc")
 
 
-def resample_counts(n: int, resamples: int, seed: int) -> np.ndarray:
-    """(resamples, n): how often each of n windows is drawn in each resample (with replacement). Seeded."""
+def block_length(setting: int | str, n: int, where: str = "held-out windows") -> int:
+    """finetune.bootstrap_block for n windows: an integer as given, or "auto": round(n ** (1/3)), at least 1 (the
+    order of the block length that is best for a variance estimate: Hall, Horowitz & Jing 1995)."""
+    if setting == "auto":
+        return max(1, round(n ** (1.0 / 3.0)))
+    if int(setting) > n:
+        raise ParamsError(f"{PARAMS_FILE}: finetune.bootstrap_block ({setting}) exceeds the {n} {where} it resamples "
+                          f"(expected at most {n}, or auto)")
+    return int(setting)
+
+
+def block_counts(n: int, resamples: int, seed: int, block: int) -> np.ndarray:
+    """(resamples, n): how often each of n windows is drawn by a circular block bootstrap (Politis & Romano 1992).
+
+    Each resample strings together blocks of `block` consecutive windows starting anywhere (wrapping from the last
+    window to the first, so every window is drawn equally often on average), cut to n windows. block=1 is the
+    ordinary bootstrap of independent windows (the same draws as before blocks existed). Seeded."""
+    if not 1 <= block <= n:
+        raise ValueError(f"block length {block} for {n} windows (expected 1 to {n})")
     rng = np.random.default_rng(seed)
-    draws = rng.integers(0, n, size=(resamples, n))
-    counts = np.zeros((resamples, n), dtype=np.float64)
-    np.add.at(counts, (np.arange(resamples)[:, None], draws), 1.0)
-    return counts
+    blocks = -(-n // block)
+    starts = rng.integers(0, n, size=(resamples, blocks))
+    drawn = ((starts[:, :, None] + np.arange(block)) % n).reshape(resamples, blocks * block)[:, :n]
+    flat = (drawn + n * np.arange(resamples)[:, None]).ravel()
+    return np.bincount(flat, minlength=resamples * n).reshape(resamples, n).astype(np.float64)
 
 
-def _score(metric: str, weights: np.ndarray, predicted: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """The metric per row of `weights`, averaged over the rows of `predicted` (seeds, n)."""
-    score = BOOTSTRAP_METRICS[metric]
-    return np.mean([score(weights, row, labels) for row in np.atleast_2d(predicted)], axis=0)
+def _multiplicity(rng: np.random.Generator, resamples: int, k: int) -> np.ndarray:
+    """(resamples, k): how often each of k units is drawn, k draws with replacement per resample."""
+    draws = rng.integers(0, k, size=(resamples, k)) + k * np.arange(resamples)[:, None]
+    return np.bincount(draws.ravel(), minlength=resamples * k).reshape(resamples, k).astype(np.float64)
 
 
-def _interval(point: float, samples: np.ndarray, confidence: float) -> dict[str, float]:
-    tail = (1.0 - confidence) / 2.0 * 100.0
-    low, high = np.nanpercentile(samples, [tail, 100.0 - tail])
-    return {"point": round(point, 6), "ci_low": round(float(low), 6), "ci_high": round(float(high), 6)}
+@dataclass(frozen=True)
+class Resampling:
+    """The draws of one hierarchical bootstrap; every model scored on the same Resampling is paired with the others
+    on each draw (the same replicates, seeds and windows)."""
+
+    windows: np.ndarray  # (resamples, n): how often each window is drawn
+    seeds: np.ndarray  # (resamples, seeds): how often each fine-tuning seed is drawn
+    replicates: np.ndarray  # (resamples, replicates): how often each pretraining replicate is drawn
+    block: int
+    where: str  # what the windows are, for `covers`: "held-out windows", "out-of-fold windows"
+
+    @property
+    def resamples(self) -> int:
+        return self.windows.shape[0]
+
+    def covers(self) -> list[str]:
+        """The sources of variation the intervals resample, in words; a level with one unit resamples nothing."""
+        blocks = "one at a time" if self.block == 1 else f"blocks of {self.block}"
+        out = [f"{self.where} ({blocks})"]
+        if self.seeds.shape[1] > 1:
+            out.append(f"fine-tuning seeds ({self.seeds.shape[1]})")
+        if self.replicates.shape[1] > 1:
+            out.append(f"pretraining replicates ({self.replicates.shape[1]})")
+        return out
+
+    def not_covered(self) -> list[str]:
+        """The levels with one unit: their variation is in no interval."""
+        out = []
+        if self.seeds.shape[1] == 1:
+            out.append("the fine-tuning seed (1)")
+        if self.replicates.shape[1] == 1:
+            out.append("the pretraining run (1 replicate)")
+        return out
+
+
+def hierarchical_resampling(
+    n: int, seeds: int, replicates: int, resamples: int, seed: int, block: int, where: str = "held-out windows"
+) -> Resampling:
+    """Draw `resamples` hierarchical resamples: replicates and seeds with replacement, windows in circular blocks.
+
+    The windows come from the generator seeded with `seed` and the levels from a second stream, so a different
+    block length changes only the windows drawn (the width ratio compares like with like)."""
+    levels = np.random.default_rng([seed, 1])
+    seed_draws = _multiplicity(levels, resamples, seeds)
+    replicate_draws = _multiplicity(levels, resamples, replicates)
+    return Resampling(block_counts(n, resamples, seed, block), seed_draws, replicate_draws, block, where)
+
+
+def _pair_weights(predicted: np.ndarray, res: Resampling) -> tuple[np.ndarray, np.ndarray]:
+    """(rows (pairs, n), weights (resamples, pairs)): each (replicate, seed) row's share of a resample's mean."""
+    predicted = np.asarray(predicted)
+    seeds = res.seeds.shape[1]
+    if predicted.ndim == 2:
+        if predicted.shape[0] != seeds:
+            raise ValueError(f"predictions for {predicted.shape[0]} seeds, resampling draws {seeds}")
+        return predicted, res.seeds / seeds
+    replicates = res.replicates.shape[1]
+    if predicted.ndim != 3 or predicted.shape[:2] != (replicates, seeds):
+        raise ValueError(f"predictions shaped {predicted.shape}, expected ({replicates}, {seeds}, n) or ({seeds}, n)")
+    weights = res.replicates[:, :, None] * res.seeds[:, None, :] / (replicates * seeds)
+    return predicted.reshape(replicates * seeds, -1), weights.reshape(res.resamples, -1)
+
+
+def _resampled(metric: str, labels: np.ndarray, predicted: np.ndarray, res: Resampling) -> np.ndarray:
+    """(resamples,): the model's score on each resample (NaN where a pair's metric is undefined)."""
+    rows, weights = _pair_weights(predicted, res)
+    return np.sum(BOOTSTRAP_METRICS[metric](res.windows, rows, labels) * weights, axis=1)
+
+
+def pair_scores(labels: np.ndarray, predicted: np.ndarray, metric: str) -> np.ndarray:
+    """The metric on every window once, per (replicate, seed) row: (replicates, seeds) or (seeds,)."""
+    labels = np.asarray(labels)
+    predicted = np.asarray(predicted)
+    rows = predicted.reshape(-1, predicted.shape[-1])
+    return BOOTSTRAP_METRICS[metric](np.ones((1, len(labels))), rows, labels)[0].reshape(predicted.shape[:-1])
 
 
 def point_score(labels: np.ndarray, predicted: np.ndarray, metric: str) -> float:
-    """The metric on every window once (the bootstrap's point estimate), averaged over the rows of (seeds, n)."""
-    labels = np.asarray(labels)
-    return float(_score(metric, np.ones((1, len(labels))), predicted, labels)[0])
+    """The bootstrap's point estimate: the mean over (replicate, seed) pairs of the metric on every window."""
+    return float(np.mean(pair_scores(labels, predicted, metric)))
+
+
+def pair_lifts(labels: np.ndarray, predicted_a: np.ndarray, predicted_b: np.ndarray, metric: str) -> np.ndarray:
+    """(replicates, seeds): A's metric minus B's for each pair; B without a replicate axis pairs with every one."""
+    a = pair_scores(labels, predicted_a, metric)
+    b = pair_scores(labels, predicted_b, metric)
+    return np.atleast_2d(a) - (b[None] if np.ndim(b) < np.ndim(a) else b)
+
+
+def _interval(point: float, samples: np.ndarray, confidence: float, res: Resampling) -> dict:
+    tail = (1.0 - confidence) / 2.0 * 100.0
+    low, high = np.nanpercentile(samples, [tail, 100.0 - tail])
+    return {"point": round(point, 6), "ci_low": round(float(low), 6), "ci_high": round(float(high), 6),
+            "covers": res.covers()}
 
 
 def bootstrap_interval(
-    labels: np.ndarray, predicted: np.ndarray, metric: str, counts: np.ndarray, confidence: float = 0.95
-) -> dict[str, float]:
-    """A metric of (seeds, n) or (n,) class predictions with its percentile-bootstrap interval over windows;
-    `counts` from resample_counts (share it between models to pair them)."""
+    labels: np.ndarray, predicted: np.ndarray, metric: str, res: Resampling, confidence: float = 0.95
+) -> dict:
+    """A model's metric (mean over its pairs) with its percentile interval over the resampling's draws."""
     labels = np.asarray(labels)
-    return _interval(point_score(labels, predicted, metric), _score(metric, counts, predicted, labels), confidence)
+    return _interval(point_score(labels, predicted, metric), _resampled(metric, labels, predicted, res), confidence,
+                     res)
 
 
 def paired_bootstrap_lift(
@@ -172,29 +286,33 @@ def paired_bootstrap_lift(
     predicted_a: np.ndarray,
     predicted_b: np.ndarray,
     metric: str,
-    resamples: int,
-    seed: int,
+    res: Resampling,
     confidence: float = 0.95,
-    counts: np.ndarray | None = None,
-) -> dict[str, float | bool]:
-    """Lift of A over B (metric of A - metric of B) with a percentile bootstrap CI, resampling windows.
-
-    `predicted_a`/`predicted_b` are (seeds, n) class predictions of the same n windows (one row per seed). Each
-    resample draws windows with replacement and scores both models on the same draw (paired), averaging the
-    metric over seeds, so the interval reflects which windows happened to be labeled, not one lucky split.
-    """
+) -> dict:
+    """Lift of A over B (A's score - B's) with a percentile interval; both are scored on the same draws (paired)."""
     labels = np.asarray(labels)
-    if counts is None:
-        counts = resample_counts(labels.shape[0], resamples, seed)
-    everything = np.ones((1, labels.shape[0]), dtype=np.float64)
-
-    def lift(weights: np.ndarray) -> np.ndarray:
-        return _score(metric, weights, predicted_a, labels) - _score(metric, weights, predicted_b, labels)
-
-    out: dict[str, float | bool] = dict(_interval(float(lift(everything)[0]), lift(counts), confidence))
-    # The interval contains 0: the data cannot tell the two apart.
-    out["inside_noise"] = bool(out["ci_low"] <= 0.0 <= out["ci_high"])
+    point = point_score(labels, predicted_a, metric) - point_score(labels, predicted_b, metric)
+    samples = _resampled(metric, labels, predicted_a, res) - _resampled(metric, labels, predicted_b, res)
+    out = _interval(point, samples, confidence, res)
+    out["contains_zero"] = bool(out["ci_low"] <= 0.0 <= out["ci_high"])
     return out
+
+
+def lift_verdict(lifts: dict[str, dict], res: Resampling, n: int) -> str:
+    """One line on a lift's intervals: which exclude 0, and what the intervals cover and do not."""
+    metrics = [m for m in lifts if isinstance(lifts[m], dict) and "contains_zero" in lifts[m]]
+    zero = [m for m in metrics if lifts[m]["contains_zero"]]
+    clear = [m for m in metrics if not lifts[m]["contains_zero"]]
+    if not zero:
+        head = "every 95% interval excludes 0"
+    elif not clear:
+        head = "every 95% interval contains 0"
+    else:
+        head = f"the 95% interval excludes 0 for {', '.join(clear)} and contains 0 for {', '.join(zero)}"
+    text = f"{head} (intervals over {' and '.join(res.covers())}"
+    missing = res.not_covered()
+    text += f"; not over {' or '.join(missing)})" if missing else ")"
+    return text + f"; one window of {n} is {100 / n:.2f} points"
 
 
 # --- reference rows -------------------------------------------------------------------------------------------
@@ -261,41 +379,8 @@ def logreg_proba(
 # --- walk-forward and the as-of warning -------------------------------------------------------------------------
 
 
-def heldout_by_period(
-    labels: np.ndarray, proba: dict[str, np.ndarray], starts: np.ndarray, periods: int, resamples: int, seed: int
-) -> list[dict]:
-    """The held-out numbers again, per period: the windows in time order (by `starts`) cut into `periods`
-    consecutive blocks of equal window count (sizes differ by at most one). Per period: its first and last window's
-    start, class counts, each init's accuracy, balanced accuracy and MCC with a 95% bootstrap interval over that
-    period's windows, and the paired lift pretrained - scratch. Same predictions, nothing re-trained: a drift over
-    time shows as periods that disagree."""
-    labels = np.asarray(labels, dtype=np.int64)
-    starts = np.asarray(starts)
-    predicted = {init: np.asarray(p).argmax(axis=1) for init, p in proba.items()}
-    out = []
-    for number, rows in enumerate(np.array_split(np.argsort(starts, kind="stable"), periods), start=1):
-        y = labels[rows]
-        counts = resample_counts(len(rows), resamples, seed)
-        entry: dict = {
-            "period": number,
-            "windows": int(len(rows)),
-            "first_start": _when(starts[rows[0]]),
-            "last_start": _when(starts[rows[-1]]),
-            "class_counts": {name: int(np.sum(y == i)) for i, name in enumerate(CLASS_NAMES)},
-        }
-        for init, pred in predicted.items():
-            entry[init] = {m: bootstrap_interval(y, pred[rows], m, counts) for m in HELDOUT_LIFT_METRICS}
-        if "pretrained" in predicted and "scratch" in predicted:
-            entry["lift"] = {
-                m: paired_bootstrap_lift(y, predicted["pretrained"][rows], predicted["scratch"][rows], m, resamples,
-                                         seed, counts=counts)
-                for m in HELDOUT_LIFT_METRICS
-            }
-        out.append(entry)
-    return out
-
-
-def _when(value) -> str:
+def when(value) -> str:
+    """A window start as text: ISO seconds for a timestamp, as it is otherwise."""
     return np.datetime_as_string(value, unit="s") if isinstance(value, np.datetime64) else str(value)
 
 

@@ -1,9 +1,10 @@
 """Out-of-fold fine-tuning: every labeled window is predicted by a model that never trained on it.
 
 For each seed, a stratified k-fold split (StratifiedKFold(shuffle=True, random_state=seed); or, with finetune.cv:
-purged, time-ordered folds with an embargo: purged_splits); on every fold the
-same split trains SimpleLSTM from the pretrained encoder and from scratch, and fits the two reference rows, so
-that all of them are compared on identical data. The core takes arrays and returns frames; the stage writes.
+purged, time-ordered folds with an embargo: purged_splits); on every fold the same split trains SimpleLSTM from the
+pretrained encoder, from scratch, and from scratch on the pretrained init's schedule (the control that separates
+"pretraining helps" from "a gentler schedule helps"), and fits the two reference rows, so that all of them are
+compared on identical data. The core takes arrays and returns frames; the stage writes.
 """
 
 from __future__ import annotations
@@ -26,7 +27,11 @@ from moola.numerics import apply_cuda_settings
 from moola.params import CLASS_NAMES, PARAMS_FILE, FinetuneParams, Params
 from moola.windows import overlapping
 
-NETWORK_INITS = ("pretrained", "scratch")
+NETWORK_INITS = ("pretrained", "scratch", "scratch_same_schedule")
+# The inits whose LSTM starts from the encoder (they get a replicate axis: one per pretraining run), and those trained
+# on the pretrained schedule (LSTM frozen for freeze_epochs, then encoder_learning_rate).
+FROM_ENCODER = ("pretrained",)
+PRETRAINED_SCHEDULE = ("pretrained", "scratch_same_schedule")
 REFERENCE_INITS = ("majority", "logreg")
 PROBA_COLUMNS = tuple(f"p_{name}" for name in CLASS_NAMES)
 
@@ -97,7 +102,8 @@ def predict_proba(model: SimpleLSTM, values: np.ndarray, device: torch.device, b
 class OofResult:
     predictions: pd.DataFrame  # window_id, fold, seed, init, p_<class>..., prediction, label
     curves: pd.DataFrame  # epoch, <init>_train_loss, <init>_val_loss (mean over seeds and folds)
-    # init -> (n_heldout, classes): the mean of every fold model's (all seeds') probabilities; empty without a set
+    # init -> (seeds, n_heldout, classes): per seed, the mean of that seed's fold models' probabilities (so that the
+    # seeds can be resampled); empty without a held-out set
     heldout: dict[str, np.ndarray]
 
 
@@ -211,14 +217,17 @@ def train_fold(
     encoder_state: Mapping[str, torch.Tensor] | None,
     seed: int,
     device: torch.device | str = "cpu",
-    on_epoch: Callable[[int, SimpleLSTM], None] | None = None,
+    on_epoch: Callable[[int, SimpleLSTM, torch.optim.Optimizer], None] | None = None,
     x_heldout: np.ndarray | None = None,
+    pretrained_schedule: bool | None = None,
 ) -> FoldRun:
     """Train SimpleLSTM on one fold and predict its held-out windows.
 
-    With `encoder_state`, the LSTM starts from the encoder's forward direction, is frozen for
-    cfg.freeze_epochs, then trains at cfg.encoder_learning_rate. Without it (the scratch baseline) the LSTM
-    trains from epoch 1 at the base learning rate: freezing a random LSTM would only handicap the baseline.
+    With `encoder_state`, the LSTM starts from the encoder's forward direction. On the pretrained schedule (the
+    default with an encoder) the LSTM is frozen for cfg.freeze_epochs, then trains at cfg.encoder_learning_rate.
+    Otherwise (the default without an encoder: the scratch baseline) it trains from epoch 1 at the base learning
+    rate. `pretrained_schedule=True` without an encoder is the schedule-matched control: a random LSTM frozen and
+    slowed exactly as the pretrained one, so that a lift over it is the encoder's weights and not the schedule.
     The last epoch's model predicts the held-out fold (choosing an epoch by that fold's loss would leak it), and,
     once training is over, the windows of `x_heldout` (the held-out test set: it never touches training).
     Without `x_test` (the label-efficiency curve trains on all its windows) there is no per-epoch validation.
@@ -226,8 +235,12 @@ def train_fold(
     device = torch.device(device)
     torch.manual_seed(seed)
     model = SimpleLSTM(cfg.hidden_size, cfg.attention_heads, cfg.dropout, input_size=x_train.shape[-1])
+    # After the model is built: the head's initialisation is the same whatever the LSTM starts from.
     if encoder_state is not None:
         load_forward_weights(model, {"state_dict": encoder_state})
+    if pretrained_schedule is None:
+        pretrained_schedule = encoder_state is not None
+    if pretrained_schedule:
         freeze_epochs, encoder_lr = cfg.freeze_epochs, cfg.encoder_learning_rate
     else:
         freeze_epochs, encoder_lr = 0, cfg.learning_rate
@@ -272,7 +285,7 @@ def train_fold(
                 logits = model(xt)
                 val_losses.append(float(nn.functional.cross_entropy(logits, yt)))
         if on_epoch is not None:
-            on_epoch(epoch, model)
+            on_epoch(epoch, model, optimizer)
     if validate:
         assert logits is not None
         # On the CPU first: mps has no float64.
@@ -284,8 +297,22 @@ def train_fold(
 
 
 def _fold_seed(seed: int, fold: int) -> int:
-    # Pretrained and scratch share it: same head initialisation and batch order, only the LSTM's start differs.
+    # Every network init shares it: same head initialisation and batch order (and scratch_same_schedule the same
+    # random LSTM as scratch); only the LSTM's start and schedule differ.
     return seed * 1000 + fold
+
+
+def train_init(init: str, x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray | None,
+               y_test: np.ndarray | None, cfg: FinetuneConfig, encoder_state: Mapping[str, torch.Tensor] | None,
+               seed: int, device: torch.device | str, x_heldout: np.ndarray | None = None,
+               on_epoch: Callable[[int, SimpleLSTM, torch.optim.Optimizer], None] | None = None) -> FoldRun:
+    """train_fold for one of NETWORK_INITS: its LSTM start (the encoder or random) and its schedule."""
+    if init not in NETWORK_INITS:
+        raise ValueError(f"unknown network init {init!r}")
+    return train_fold(
+        x_train, y_train, x_test, y_test, cfg, encoder_state if init in FROM_ENCODER else None, seed, device,
+        on_epoch=on_epoch, x_heldout=x_heldout, pretrained_schedule=init in PRETRAINED_SCHEDULE,
+    )
 
 
 def run_oof(
@@ -305,7 +332,7 @@ def run_oof(
     """Out-of-fold predictions of every init in `inits` (pretrained, scratch, majority, logreg) for every seed.
 
     With `heldout_values`, every fold model (and every fold's reference fit) also predicts those windows after it
-    is trained; an init's held-out prediction is the mean of those probabilities over folds and seeds."""
+    is trained; an init's held-out prediction for a seed is the mean of those probabilities over the seed's folds."""
     labels = np.asarray(labels, dtype=np.int64)
     if "pretrained" in inits and encoder_state is None:
         raise ValueError("the pretrained init needs an encoder_state")
@@ -314,8 +341,7 @@ def run_oof(
     heldout_features = (
         evaluation.window_features(heldout_values) if use_heldout and "logreg" in inits else None
     )
-    heldout_sum: dict[str, np.ndarray] = {}
-    heldout_models: dict[str, int] = {}
+    heldout_folds: dict[str, list[list[np.ndarray]]] = {}
     rows: list[pd.DataFrame] = []
     curves: dict[str, list[FoldRun]] = {init: [] for init in inits if init in NETWORK_INITS}
     for seed in seeds:
@@ -325,10 +351,9 @@ def run_oof(
             for fold, (train, test) in enumerate(splits):
                 heldout_proba = None
                 if init in NETWORK_INITS:
-                    run = train_fold(
-                        values[train], labels[train], values[test], labels[test], cfg,
-                        encoder_state if init == "pretrained" else None, _fold_seed(seed, fold), device,
-                        x_heldout=heldout_values if use_heldout else None,
+                    run = train_init(
+                        init, values[train], labels[train], values[test], labels[test], cfg, encoder_state,
+                        _fold_seed(seed, fold), device, x_heldout=heldout_values if use_heldout else None,
                     )
                     curves[init].append(run)
                     proba, heldout_proba = run.proba, run.heldout_proba
@@ -352,8 +377,10 @@ def run_oof(
                 else:
                     raise ValueError(f"unknown init {init!r}")
                 if heldout_proba is not None:
-                    heldout_sum[init] = heldout_sum.get(init, 0.0) + heldout_proba
-                    heldout_models[init] = heldout_models.get(init, 0) + 1
+                    per_seed = heldout_folds.setdefault(init, [])
+                    if fold == 0:
+                        per_seed.append([])
+                    per_seed[-1].append(heldout_proba)
                 predicted = proba.argmax(axis=1)
                 fold_accuracy.append(float(np.mean(predicted == labels[test])))
                 frame = pd.DataFrame(
@@ -380,7 +407,7 @@ def run_oof(
         .drop(columns="_order")
         .reset_index(drop=True)
     )
-    heldout = {init: heldout_sum[init] / heldout_models[init] for init in heldout_sum}
+    heldout = {init: np.stack([np.mean(folds, axis=0) for folds in per_seed]) for init, per_seed in heldout_folds.items()}
     return OofResult(predictions=predictions, curves=mean_curves(curves, cfg.epochs), heldout=heldout)
 
 
@@ -406,29 +433,71 @@ def metrics_per_seed(predictions: pd.DataFrame, init: str) -> list[dict[str, flo
     return out
 
 
-def _predictions_matrix(predictions: pd.DataFrame, init: str) -> tuple[np.ndarray, np.ndarray]:
-    """(labels (n,), predictions (seeds, n)) with windows in the same order for every seed."""
+def _predictions_matrix(
+    predictions: pd.DataFrame, init: str, order: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(labels (n,), predictions (seeds, n)) with windows in the same order for every seed: `order` (window ids), or
+    window_id."""
     rows = predictions[predictions["init"] == init].sort_values(["seed", "window_id"], kind="stable")
     table = rows.pivot(index="window_id", columns="seed", values="prediction")
+    if order is not None:
+        table = table.loc[order]
     labels = rows.drop_duplicates("window_id").set_index("window_id")["label"].loc[table.index]
     return labels.to_numpy(), table.to_numpy().T
 
 
-def lift_report(predictions: pd.DataFrame, resamples: int, seed: int) -> dict:
-    """Pretrained minus scratch, accuracy and balanced accuracy, with paired-bootstrap 95% intervals."""
-    labels, pretrained = _predictions_matrix(predictions, "pretrained")
-    labels_b, scratch = _predictions_matrix(predictions, "scratch")
-    assert np.array_equal(labels, labels_b)
-    report: dict = {}
-    for metric in evaluation.OOF_LIFT_METRICS:
-        report[metric] = evaluation.paired_bootstrap_lift(labels, pretrained, scratch, metric, resamples, seed)
-    n = len(labels)
-    noisy = [m for m in evaluation.OOF_LIFT_METRICS if report[m]["inside_noise"]]
-    report["resamples"] = resamples
-    report["verdict"] = (
-        f"inside the noise ({', '.join(noisy)}: the 95% interval contains 0)" if noisy
-        else "outside the noise (both 95% intervals exclude 0)"
-    ) + f"; one window of {n} is {100 / n:.1f} points"
+# The lifts reported, each pretrained minus a scratch row: `lift` isolates the encoder's weights together with the
+# gentler schedule they get; `lift_same_schedule` the weights alone (both rows train on the same schedule).
+LIFTS = {"lift": ("pretrained", "scratch"), "lift_same_schedule": ("pretrained", "scratch_same_schedule")}
+
+
+def with_replicates(init: str, predicted: np.ndarray) -> np.ndarray:
+    """An init's (seeds, n) predictions from one encoder as (replicates=1, seeds, n) if it starts from the encoder."""
+    return predicted[None] if init in FROM_ENCODER and predicted.ndim == 2 else predicted
+
+
+def lifts_with_intervals(
+    labels: np.ndarray, predicted: Mapping[str, np.ndarray], metrics: Sequence[str], res: evaluation.Resampling,
+    independent: evaluation.Resampling | None = None,
+) -> dict[str, dict]:
+    """Every lift of LIFTS whose two rows are in `predicted`, per metric with its paired hierarchical interval and a
+    verdict. With `independent` (the same draws but windows one at a time), each metric also gets how many times
+    wider its blocked interval is."""
+    out: dict[str, dict] = {}
+    for name, (a, b) in LIFTS.items():
+        if a not in predicted or b not in predicted:
+            continue
+        lift: dict = {}
+        for metric in metrics:
+            lift[metric] = evaluation.paired_bootstrap_lift(labels, predicted[a], predicted[b], metric, res)
+            if independent is not None:
+                plain = evaluation.paired_bootstrap_lift(labels, predicted[a], predicted[b], metric, independent)
+                width = plain["ci_high"] - plain["ci_low"]
+                ratio = (lift[metric]["ci_high"] - lift[metric]["ci_low"]) / width if width > 0 else None
+                lift[metric]["width_vs_independent_windows"] = None if ratio is None else round(ratio, 3)
+        lift["verdict"] = f"{a} - {b}: " + evaluation.lift_verdict(lift, res, len(labels))
+        out[name] = lift
+    return out
+
+
+def lift_report(
+    predictions: pd.DataFrame, resamples: int, seed: int, block: int | str = 1, order: np.ndarray | None = None
+) -> dict:
+    """Out of fold: every lift of LIFTS (accuracy, balanced accuracy) with paired hierarchical intervals over the
+    fine-tuning seeds and the labeled windows, in blocks of `block` consecutive windows of `order` (the window ids
+    in time order; default window_id order)."""
+    inits = [init for init in NETWORK_INITS if (predictions["init"] == init).any()]
+    matrices = {init: _predictions_matrix(predictions, init, order) for init in inits}
+    labels = matrices[inits[0]][0]
+    assert all(np.array_equal(labels, m[0]) for m in matrices.values())
+    predicted = {init: with_replicates(init, m[1]) for init, m in matrices.items()}
+    seeds = predicted[inits[0]].shape[-2]
+    where = "out-of-fold windows"
+    block_n = evaluation.block_length(block, len(labels), where)
+    res = evaluation.hierarchical_resampling(len(labels), seeds, 1, resamples, seed, block_n, where)
+    report = lifts_with_intervals(labels, predicted, evaluation.OOF_LIFT_METRICS, res)
+    for lift in report.values():
+        lift["resamples"] = resamples
     return report
 
 
@@ -436,40 +505,115 @@ def summary_report(predictions: pd.DataFrame, inits: Sequence[str]) -> dict[str,
     return {init: evaluation.summarise(metrics_per_seed(predictions, init)) for init in inits}
 
 
+def pair_lift_rows(labels: np.ndarray, predicted: Mapping[str, np.ndarray], seeds: Sequence[int],
+                   replicates: Sequence[str], metrics: Sequence[str]) -> list[dict]:
+    """One row per lift of LIFTS and (replicate, seed) pair: the pair's lift on every window, per metric."""
+    rows = []
+    for name, (a, b) in LIFTS.items():
+        if a not in predicted or b not in predicted:
+            continue
+        per_metric = {m: evaluation.pair_lifts(labels, predicted[a], predicted[b], m) for m in metrics}
+        for r, replicate in enumerate(replicates):
+            for s, seed in enumerate(seeds):
+                rows.append({"lift": name, "replicate": replicate, "seed": int(seed),
+                             **{m: round(float(per_metric[m][r, s]), 6) for m in metrics}})
+    return rows
+
+
 def heldout_report(
-    labels: np.ndarray, proba: Mapping[str, np.ndarray], resamples: int, seed: int, models: int
+    labels: np.ndarray,
+    predicted: Mapping[str, np.ndarray],
+    resamples: int,
+    seed: int,
+    block: int | str,
+    seeds: Sequence[int],
+    replicates: Sequence[str],
+    folds: int,
 ) -> dict:
-    """Held-out metrics of every init's ensemble prediction, each with a 95% percentile-bootstrap interval over
-    the held-out windows, and the paired lift pretrained - scratch (the same resamples score every init)."""
+    """Held-out metrics of every init, each with a 95% hierarchical bootstrap interval, and the paired lifts.
+
+    `predicted`: class predictions in time order, (replicates, seeds, n) for an init from an encoder (one replicate
+    per pretraining run), (seeds, n) for the others; a seed's prediction is its fold models' mean probability. The
+    same draws score every init (replicates, seeds and blocks of consecutive held-out windows), so the lifts are
+    paired. Each (replicate, seed) pair's own lift is listed in `pairs`."""
     labels = np.asarray(labels, dtype=np.int64)
-    counts = evaluation.resample_counts(len(labels), resamples, seed)
-    predicted = {init: np.asarray(p).argmax(axis=1) for init, p in proba.items()}
+    n = len(labels)
+    block_n = evaluation.block_length(block, n)
+    res = evaluation.hierarchical_resampling(n, len(seeds), len(replicates), resamples, seed, block_n)
+    independent = evaluation.hierarchical_resampling(n, len(seeds), len(replicates), resamples, seed, 1)
     report: dict = {
-        "windows": int(len(labels)),
+        "windows": int(n),
         "class_counts": class_counts(labels),
-        "prediction": f"mean of the probabilities of all {models} fold models (every fold of every seed)",
+        "prediction": f"per fine-tuning seed, the mean of the probabilities of its {folds} fold models; a model's "
+                      "score is the mean of its seeds' (and replicates') scores",
         "resamples": resamples,
+        "block": block_n,
+        "seeds": [int(s) for s in seeds],
+        "replicates": list(replicates),
+        "covers": res.covers(),
     }
     for init, pred in predicted.items():
         report[init] = {
-            metric: evaluation.bootstrap_interval(labels, pred, metric, counts)
-            for metric in evaluation.BOOTSTRAP_METRICS
+            metric: evaluation.bootstrap_interval(labels, pred, metric, res) for metric in evaluation.BOOTSTRAP_METRICS
         }
-    if "pretrained" in predicted and "scratch" in predicted:
-        lift = {
-            metric: evaluation.paired_bootstrap_lift(
-                labels, predicted["pretrained"], predicted["scratch"], metric, resamples, seed, counts=counts
-            )
-            for metric in evaluation.HELDOUT_LIFT_METRICS
-        }
-        noisy = [m for m in evaluation.HELDOUT_LIFT_METRICS if lift[m]["inside_noise"]]
-        outside = [m for m in evaluation.HELDOUT_LIFT_METRICS if not lift[m]["inside_noise"]]
-        if not noisy:
-            verdict = "outside the noise (every 95% interval excludes 0)"
-        elif not outside:
-            verdict = "inside the noise (every 95% interval contains 0)"
-        else:
-            verdict = f"mixed: outside the noise for {', '.join(outside)}; inside for {', '.join(noisy)}"
-        lift["verdict"] = verdict + f"; one window of {len(labels)} is {100 / len(labels):.2f} points"
-        report["lift"] = lift
+    report.update(lifts_with_intervals(labels, predicted, evaluation.HELDOUT_LIFT_METRICS, res, independent))
+    report["pairs"] = pair_lift_rows(labels, predicted, seeds, replicates, evaluation.HELDOUT_LIFT_METRICS)
     return report
+
+
+def heldout_by_period(
+    labels: np.ndarray,
+    predicted: Mapping[str, np.ndarray],
+    starts: np.ndarray,
+    periods: int,
+    resamples: int,
+    seed: int,
+    block: int | str,
+    seeds: Sequence[int],
+    replicates: Sequence[str],
+    folds: int,
+) -> list[dict]:
+    """Walk-forward: the held-out numbers again per period, the windows in time order (by `starts`) cut into
+    `periods` consecutive blocks of equal window count (sizes differ by at most one). Each period is scored by
+    heldout_report on its own windows (the same hierarchical bootstrap, its blocks inside the period); kept per
+    period: its first and last window's start, class counts, each init's accuracy, balanced accuracy and MCC and the
+    lifts. Same predictions, nothing re-trained: a drift over time shows as periods that disagree."""
+    labels = np.asarray(labels, dtype=np.int64)
+    starts = np.asarray(starts)
+    out = []
+    for number, rows in enumerate(np.array_split(np.argsort(starts, kind="stable"), periods), start=1):
+        part = heldout_report(labels[rows], {init: np.asarray(p)[..., rows] for init, p in predicted.items()},
+                              resamples, seed, block, seeds, replicates, folds)
+        entry: dict = {
+            "period": number,
+            "windows": int(len(rows)),
+            "first_start": evaluation.when(starts[rows[0]]),
+            "last_start": evaluation.when(starts[rows[-1]]),
+            "class_counts": part["class_counts"],
+            "covers": part["covers"],
+        }
+        for name in (*predicted, *LIFTS):
+            if name in part:
+                entry[name] = {m: part[name][m] for m in evaluation.HELDOUT_LIFT_METRICS}
+        out.append(entry)
+    return out
+
+
+def pair_lift_table(heldout: Mapping) -> pd.DataFrame:
+    """The plot of the pairs: one row per (lift, replicate, seed) with the pair's lift per metric and the pooled
+    lift's point and interval (`<metric>_pooled`, `<metric>_low`, `<metric>_high`)."""
+    metrics = evaluation.HELDOUT_LIFT_METRICS
+    rows = []
+    for pair in heldout.get("pairs", []):
+        pooled = heldout[pair["lift"]]
+        rows.append({
+            "pair": f"replicate {pair['replicate']}, seed {pair['seed']}", "lift": pair["lift"],
+            "replicate": pair["replicate"], "seed": pair["seed"],
+            **{key: value for m in metrics for key, value in (
+                (m, pair[m]), (f"{m}_pooled", pooled[m]["point"]), (f"{m}_low", pooled[m]["ci_low"]),
+                (f"{m}_high", pooled[m]["ci_high"]))},
+        })
+    columns = ["pair", "lift", "replicate", "seed"] + [
+        f"{m}{suffix}" for m in metrics for suffix in ("", "_pooled", "_low", "_high")
+    ]
+    return pd.DataFrame(rows, columns=columns)

@@ -1,12 +1,12 @@
 """The label-efficiency curve: how held-out accuracy and MCC grow with the number of labeled windows.
 
 For every size n and seed: a stratified draw of n windows from the label pool; SimpleLSTM from the pretrained
-encoder and from scratch (the same draw, the same head initialisation and batch order), the logistic regression
-and the majority class are trained on it with fine-tuning's settings (no folds: every drawn window trains, and the
-last epoch's model is kept, as in fine-tuning), then each model predicts the held-out windows. A point is the mean
-over seeds; its 95% interval is a percentile bootstrap over the held-out windows (the same resamples for every
-model, so the lift pretrained - scratch is paired). The seeds' spread (which windows were labeled, initialisation)
-is reported beside it.
+encoder, from scratch, and from scratch on the pretrained schedule (the same draw, the same head initialisation
+and batch order), the logistic regression and the majority class are trained on it with fine-tuning's settings (no
+folds: every drawn window trains, and the last epoch's model is kept, as in fine-tuning), then each model predicts
+the held-out windows. A point is the mean over seeds; its 95% interval is the hierarchical bootstrap of
+moola.evaluation over the seeds and blocks of consecutive held-out windows (the same draws for every model, so the
+lifts are paired). The seeds' range is reported beside it.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ import torch
 from sklearn.model_selection import train_test_split
 
 from moola import evaluation
-from moola.finetuning import FinetuneConfig, NETWORK_INITS, train_fold
+from moola.finetuning import NETWORK_INITS, FinetuneConfig, lifts_with_intervals, train_init, with_replicates
 
-MODELS = ("pretrained", "scratch", "logreg", "majority")
+MODELS = (*NETWORK_INITS, "logreg", "majority")
 CURVE_METRICS = ("accuracy", "balanced_accuracy", "mcc")
 
 
@@ -36,7 +36,7 @@ def draw_labeled(labels: np.ndarray, size: int, seed: int) -> np.ndarray:
 
 
 def _train_seed(seed: int, size: int) -> int:
-    # Shared by pretrained and scratch: only the LSTM's starting weights differ between them.
+    # Shared by every network init: only the LSTM's start and schedule differ between them.
     return seed * 1000 + size
 
 
@@ -71,9 +71,8 @@ def run_curve(
             idx = draw_labeled(pool_labels, size, seed)
             x, y = pool_values[idx], pool_labels[idx]
             for init in NETWORK_INITS:
-                run = train_fold(
-                    x, y, None, None, cfg, encoder_state if init == "pretrained" else None,
-                    _train_seed(seed, size), device, x_heldout=heldout_values,
+                run = train_init(
+                    init, x, y, None, None, cfg, encoder_state, _train_seed(seed, size), device, x_heldout=heldout_values
                 )
                 assert run.heldout_proba is not None
                 predictions.setdefault((size, init), []).append(run.heldout_proba.argmax(axis=1))
@@ -88,36 +87,38 @@ def run_curve(
 
 
 def curve_report(
-    heldout_labels: np.ndarray, result: CurveResult, resamples: int, seed: int
+    heldout_labels: np.ndarray, result: CurveResult, resamples: int, seed: int, block: int | str = "auto",
+    order: np.ndarray | None = None,
 ) -> tuple[dict, pd.DataFrame]:
-    """(metrics, plot table): per size and model, each metric's mean over seeds with its bootstrap interval and
-    the seeds' range; per size the paired lift pretrained - scratch."""
+    """(metrics, plot table): per size and model, each metric's mean over seeds with its hierarchical interval and
+    the seeds' range; per size every paired lift of finetuning.LIFTS. `order`: the held-out windows in time order
+    (blocks are consecutive windows of it; default file order)."""
     labels = np.asarray(heldout_labels, dtype=np.int64)
-    counts = evaluation.resample_counts(len(labels), resamples, seed)
+    order = np.arange(len(labels)) if order is None else np.asarray(order)
+    labels = labels[order]
+    seeds = next(iter(result.predictions.values())).shape[0] if result.predictions else 1
+    res = evaluation.hierarchical_resampling(
+        len(labels), seeds, 1, resamples, seed, evaluation.block_length(block, len(labels))
+    )
     per_size: dict[str, dict] = {}
     rows = []
     for size in result.sizes:
         entry: dict[str, dict] = {}
+        predicted = {model: with_replicates(model, result.predictions[(size, model)][:, order]) for model in MODELS}
         for model in MODELS:
-            predicted = result.predictions[(size, model)]
             scores = {}
             for metric in CURVE_METRICS:
-                interval = evaluation.bootstrap_interval(labels, predicted, metric, counts)
-                per_seed = [evaluation.point_score(labels, row, metric) for row in predicted]
-                scores[metric] = {**interval, "seed_min": round(min(per_seed), 6), "seed_max": round(max(per_seed), 6)}
+                interval = evaluation.bootstrap_interval(labels, predicted[model], metric, res)
+                per_seed = evaluation.pair_scores(labels, predicted[model], metric).ravel()
+                scores[metric] = {**interval, "seed_min": round(float(per_seed.min()), 6),
+                                  "seed_max": round(float(per_seed.max()), 6)}
             entry[model] = scores
             rows.append({"labels": size, "model": model, **{
                 f"{metric}{suffix}": scores[metric][key]
                 for metric in CURVE_METRICS
                 for suffix, key in (("", "point"), ("_low", "ci_low"), ("_high", "ci_high"))
             }})
-        entry["lift"] = {
-            metric: evaluation.paired_bootstrap_lift(
-                labels, result.predictions[(size, "pretrained")], result.predictions[(size, "scratch")], metric,
-                resamples, seed, counts=counts,
-            )
-            for metric in CURVE_METRICS
-        }
+        entry.update(lifts_with_intervals(labels, predicted, CURVE_METRICS, res))
         per_size[str(size)] = entry
     columns = ["labels", "model"] + [f"{m}{s}" for m in CURVE_METRICS for s in ("", "_low", "_high")]
     table = pd.DataFrame(rows, columns=columns)

@@ -36,6 +36,7 @@ ANSWER = "metrics/answer.json"  # the headline (moola.answer): the one file dvc.
 OOF_PREDICTIONS = "data/finetune/oof_predictions.parquet"
 FINETUNE_METRICS = "metrics/finetune.json"
 FINETUNE_CURVES = "plots/finetune/curves.csv"
+FINETUNE_LIFT_PER_SEED = "plots/finetune/lift_per_seed.csv"  # one row per (lift, replicate, seed) pair
 confusion = "plots/finetune/confusion_{}.csv".format
 
 # finetune_ablation@<experiment>

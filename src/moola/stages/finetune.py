@@ -1,4 +1,5 @@
-"""Stage `finetune`: out-of-fold fine-tuning of SimpleLSTM, from the selected encoder and from scratch.
+"""Stage `finetune`: out-of-fold fine-tuning of SimpleLSTM, from the selected encoder and from scratch (on its own
+schedule and on the pretrained one).
 
     python -m moola.stages.finetune                      # the selected encoder; every output of the stage
     python -m moola.stages.finetune --encoder data/pretrained/exp2_conservative_encoder.pt --ablation exp2_conservative
@@ -16,11 +17,11 @@ import pandas as pd
 from moola import answer, finetuning, io, paths
 from moola.device import describe
 from moola.errors import DataError, ParamsError, run_main
-from moola.evaluation import heldout_by_period, heldout_warning, success_criteria
+from moola.evaluation import heldout_warning, success_criteria
 from moola.models import load_encoder_checkpoint
 from moola.numerics import attention_kernels
 from moola.params import CLASS_NAMES, PARAMS_FILE, Params, load_params
-from moola.windows import Windows, read_windows
+from moola.windows import read_windows
 
 LABELED = Path(paths.LABELED)
 # Read only here and by label_curve (the evaluations), and only after training: see finetuning.run_oof.
@@ -31,6 +32,7 @@ FINETUNE_METRICS = Path(paths.FINETUNE_METRICS)
 ANSWER = Path(paths.ANSWER)
 CONFUSION = {init: Path(paths.confusion(init)) for init in finetuning.NETWORK_INITS}
 CURVES = Path(paths.FINETUNE_CURVES)
+LIFT_PER_SEED = Path(paths.FINETUNE_LIFT_PER_SEED)
 ALL_INITS = finetuning.NETWORK_INITS + finetuning.REFERENCE_INITS
 
 
@@ -54,11 +56,13 @@ def confusion_csv(predictions: pd.DataFrame, init: str, seed: int) -> str:
     return frame.to_csv(index=False, lineterminator="\n")
 
 
-def heldout_extras(p: Params, test: Windows, proba: dict[str, np.ndarray]) -> dict:
+def heldout_extras(p: Params, starts: np.ndarray, labels: np.ndarray, predicted: dict[str, np.ndarray],
+                   replicates: list[str]) -> dict:
     """Walk-forward (the held-out numbers per consecutive period) and, with data.heldout: anywhere, the warning."""
     ft = p.finetune
-    extras: dict = {"by_period": heldout_by_period(test.label, proba, test.start, ft.heldout_periods, ft.bootstrap,
-                                                   p.seed)}
+    extras: dict = {"by_period": finetuning.heldout_by_period(
+        labels, predicted, starts, ft.heldout_periods, ft.bootstrap, p.seed, ft.bootstrap_block, ft.seeds,
+        replicates, ft.folds)}
     warning = heldout_warning(p.data.heldout)
     if warning:
         extras["warning"] = warning
@@ -66,13 +70,16 @@ def heldout_extras(p: Params, test: Windows, proba: dict[str, np.ndarray]) -> di
     return extras
 
 
+def criteria_scored(windows: int) -> str:
+    """What `criteria` are measured on, said next to them (the README's held-out numbers are another set)."""
+    return f"out of fold: the mean over seeds of each seed's metrics on the {windows} labeled windows"
+
+
 def run(p: Params, encoder: Path, ablation: str | None) -> None:
     ft = p.finetune
     if ablation is not None and ablation not in p.experiments:
         raise ParamsError(f"--ablation: '{ablation}' is not an experiment of {PARAMS_FILE} "
                           f"(expected one of: {', '.join(p.experiments)})")
-    if len(set(ft.seeds)) != len(ft.seeds):
-        raise ParamsError(f"{PARAMS_FILE}: finetune.seeds must be distinct, got {ft.seeds}")
     device = finetuning.finetune_device(ft)
     labeled = read_windows(LABELED)
     if labeled.label is None:
@@ -115,37 +122,50 @@ def run(p: Params, encoder: Path, ablation: str | None) -> None:
             "pretrain": {key: checkpoint.training[key] for key in ("best_val_loss", "best_epoch", "epochs_run")},
             "pretrained": summary["pretrained"],
             "criteria": success_criteria(summary["pretrained"]),
+            "criteria_scored": criteria_scored(len(labeled)),
             **common,
         })
         print(f"wrote {ablation_metrics_path(ablation)}", flush=True)
         return
-    lift = finetuning.lift_report(result.predictions, ft.bootstrap, p.seed)
+    # Blocks of consecutive windows: the windows in time order (a user's files need not be sorted).
+    oof_order = labeled.window_id[np.argsort(labeled.start, kind="stable")]
+    lifts = finetuning.lift_report(result.predictions, ft.bootstrap, p.seed, ft.bootstrap_block, oof_order)
+    selected = str(checkpoint.hyperparams.get("experiment", encoder))
     if result.heldout:
         assert test is not None
+        order = np.argsort(test.start, kind="stable")
+        # One pretraining replicate: the selected encoder (pretrained gets the replicate axis it pairs on).
+        predicted = {init: proba.argmax(axis=2)[:, order] for init, proba in result.heldout.items()}
+        predicted = {init: finetuning.with_replicates(init, pred) for init, pred in predicted.items()}
         heldout = finetuning.heldout_report(
-            test.label, result.heldout, ft.bootstrap, p.seed, models=ft.folds * len(ft.seeds)
+            test.label[order], predicted, ft.bootstrap, p.seed, ft.bootstrap_block, ft.seeds, [selected], ft.folds
         )
-        heldout.update(heldout_extras(p, test, result.heldout))
-        hl = heldout["lift"]["accuracy"]
-        print(f"held-out ({len(test)} windows) lift (pretrained - scratch): accuracy {hl['point']:+.3f} "
-              f"[{hl['ci_low']:+.3f}, {hl['ci_high']:+.3f}]; {heldout['lift']['verdict']}", flush=True)
+        heldout.update(heldout_extras(p, test.start[order], test.label[order], predicted, [selected]))
+        for name in finetuning.LIFTS:
+            hl = heldout[name]["accuracy"]
+            print(f"held-out ({len(test)} windows) {name}: accuracy {hl['point']:+.3f} [{hl['ci_low']:+.3f}, "
+                  f"{hl['ci_high']:+.3f}]; {heldout[name]['verdict']}", flush=True)
     else:
         heldout = {"windows": 0, "note": f"no held-out set ({p.data.test_labels} has no rows)"}
         print(heldout["note"], flush=True)
     report = {
         "heldout": heldout,
         **summary,
-        "lift": lift,
+        **lifts,
         "criteria": success_criteria(summary["pretrained"]),
-        "selected_encoder": str(checkpoint.hyperparams.get("experiment", encoder)),
+        "criteria_scored": criteria_scored(len(labeled)),
+        "selected_encoder": selected,
         **common,
     }
-    print(f"lift (pretrained - scratch): accuracy {lift['accuracy']['point']:+.3f} "
-          f"[{lift['accuracy']['ci_low']:+.3f}, {lift['accuracy']['ci_high']:+.3f}]; {lift['verdict']}", flush=True)
+    for name, lift in lifts.items():
+        print(f"out-of-fold {name}: accuracy {lift['accuracy']['point']:+.3f} [{lift['accuracy']['ci_low']:+.3f}, "
+              f"{lift['accuracy']['ci_high']:+.3f}]; {lift['verdict']}", flush=True)
     io.write_parquet(OOF_PREDICTIONS, result.predictions)
     for init, path in CONFUSION.items():
         io.write_text(path, confusion_csv(result.predictions, init, ft.seeds[0]))
     io.write_text(CURVES, result.curves.to_csv(index=False, float_format="%.6f", lineterminator="\n"))
+    io.write_text(LIFT_PER_SEED, finetuning.pair_lift_table(heldout).to_csv(
+        index=False, float_format="%.6f", lineterminator="\n"))
     io.write_json(FINETUNE_METRICS, report)
     # The encoder's own record of its validation loss: no dep on select's report.
     # Not sorted: the lift first, as `dvc exp show` and `dvc metrics diff` list the keys in file order.

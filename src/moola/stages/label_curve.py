@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from moola import io, label_curve, paths
@@ -47,25 +48,31 @@ def run(p: Params) -> None:
         result = label_curve.run_curve(
             pool.values, pool.label, test.values, cfg, c.sizes, c.seeds, checkpoint.state_dict, device
         )
-    per_size, table = label_curve.curve_report(test.label, result, ft.bootstrap, p.seed)
+    # Blocks of consecutive windows: the held-out windows in time order (a user's file need not be sorted).
+    order = np.argsort(test.start, kind="stable")
+    per_size, table = label_curve.curve_report(test.label, result, ft.bootstrap, p.seed, ft.bootstrap_block, order)
+    first = next(iter(per_size.values()), {}).get("pretrained", {}).get("accuracy", {})
     report = {
         "heldout_windows": len(test),
         "pool_windows": len(pool),
         "seeds": list(c.seeds),
         "epochs": cfg.epochs,
-        "interval": f"95% percentile bootstrap over the held-out windows ({ft.bootstrap} resamples) of the mean over "
-                    "seeds; seed_min/seed_max: the seeds' range",
+        "interval": f"95% percentile hierarchical bootstrap ({ft.bootstrap} resamples) of the mean over seeds; "
+                    "seed_min/seed_max: the seeds' range",
+        "covers": first.get("covers", []),
         "skipped_sizes": result.skipped,
         "sizes": per_size,
     }
     if result.skipped:
         print(f"sizes {result.skipped} left out: the label pool has {len(pool)} windows", flush=True)
     for size, entry in per_size.items():
-        lift = entry["lift"]["accuracy"]
+        lifts = "; ".join(
+            f"{name} {100 * entry[name]['accuracy']['point']:+.1f} [{100 * entry[name]['accuracy']['ci_low']:+.1f}, "
+            f"{100 * entry[name]['accuracy']['ci_high']:+.1f}]" for name in ("lift", "lift_same_schedule")
+        )
         print(f"labels {size:>4}: " + ", ".join(
             f"{m} {100 * entry[m]['accuracy']['point']:.1f}%" for m in label_curve.MODELS
-        ) + f"; lift {100 * lift['point']:+.1f} [{100 * lift['ci_low']:+.1f}, {100 * lift['ci_high']:+.1f}]",
-              flush=True)
+        ) + f"; {lifts}", flush=True)
     io.write_text(CURVE_PLOT, table.to_csv(index=False, float_format="%.6f", lineterminator="\n"))
     io.write_json(CURVE_METRICS, report)
     print(f"wrote {CURVE_METRICS}, {CURVE_PLOT}", flush=True)
