@@ -5,6 +5,10 @@
     moola report     print the results table from the metrics files in the workspace
     moola parallel   the five pretraining experiments concurrently, then the rest (see moola.parallel)
     moola doctor     a GPU box's first command: versions, the LSTM's real dtype, TF32, bare LSTM vs the loop
+    moola unlock     after a killed `dvc repro`: remove DVC's stage locks (.dvc/tmp/rwlock) of processes that are gone
+
+`moola report`, `tour` and `study` validate the whole params.yaml first: DVC itself never looks at a key that no
+stage reads.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import sys
 from pathlib import Path
 
 from moola import paths
-from moola.errors import run_main
+from moola.errors import DataError, run_main
 from moola.params import CLASS_NAMES, load_params
 
 # The tour: 4% of the windows and 10% of the pretraining epochs (8 for exp1), smaller batches so that each epoch
@@ -43,11 +47,41 @@ TARGETS = ["finetune", "label_curve"]
 RUNS = {"tour": TOUR_SET, "study": STUDY_SET}
 
 
+class _Metrics(dict):
+    """A metrics file's object that names the file when the table asks for a key it does not hold."""
+
+    path: Path
+
+    def __missing__(self, key):
+        raise DataError(f"{self.path}: no field '{key}' (expected what moola's stage writes; re-make it with "
+                        f"`dvc repro`, or restore the last run's copy with `dvc checkout {self.path}`)")
+
+
 def _load(path: Path) -> dict | None:
+    """A metrics file; None if it is not there (its stage has not run). One that is there but cannot be read (cut
+    short, damaged, not JSON) is an error naming it: read as "not run", it would hide the damage."""
+    def tagged(obj: dict) -> _Metrics:
+        m = _Metrics(obj)
+        m.path = path
+        return m
+
     try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
         return None
+    except (OSError, UnicodeDecodeError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+        raise DataError(f"{path}: cannot be read ({why}); re-make it with `dvc repro`, or restore the last run's "
+                        f"copy with `dvc checkout {path}`") from None
+    try:
+        loaded = json.loads(text, object_hook=tagged)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno}: cut short "
+                        f"or damaged); re-make it with `dvc repro`, or restore the last run's copy with "
+                        f"`dvc checkout {path}`") from None
+    if not isinstance(loaded, dict):
+        raise DataError(f"{path}: holds {type(loaded).__name__}, not an object (expected what moola's stage writes)")
+    return loaded
 
 
 def _pct(x: float | None) -> str:
@@ -58,6 +92,8 @@ def _ci(m: dict | None, points: bool = False) -> str:
     """A metric with its 95% interval: '61.2% [59.1, 63.3]' (percent) or '0.212 [0.17, 0.25]'."""
     if not m:
         return "-"
+    if m.get("point") is None:  # undefined on these windows (one class only): null, with its reason
+        return "undefined"
     if points:
         return f"{100 * m['point']:5.1f}% [{100 * m['ci_low']:4.1f}, {100 * m['ci_high']:4.1f}]"
     return f"{m['point']:6.3f} [{m['ci_low']:.2f}, {m['ci_high']:.2f}]"
@@ -81,7 +117,13 @@ def heldout_lines(h: dict | None) -> list[str]:
         cells = [_ci(m.get(k), True) for k in ("accuracy", "balanced_accuracy", *(f"recall_{c}" for c in CLASS_NAMES))]
         lines.append(f"  {init:<12} " + " ".join(f"{c:>22}" for c in cells) + f" {_ci(m.get('mcc')):>22}")
     lift = h.get("lift")
-    if lift:
+    undefined = sorted({m["undefined"] for init in ("pretrained", "scratch", "logreg", "majority")
+                        for m in (h.get(init) or {}).values() if isinstance(m, dict) and m.get("undefined")})
+    lines += [f"  undefined: {reason}" for reason in undefined]
+    if lift and any(lift[k].get("point") is None for k in ("accuracy", "balanced_accuracy", "mcc")):
+        lines.append(f"  lift (pretrained - scratch): accuracy {_ci(lift['accuracy'])}; balanced and MCC undefined")
+        lines.append(f"  verdict: {lift['verdict']}")
+    elif lift:
         parts = [f"accuracy {100 * lift['accuracy']['point']:+.1f} points [{100 * lift['accuracy']['ci_low']:+.1f}, "
                  f"{100 * lift['accuracy']['ci_high']:+.1f}]",
                  f"balanced {100 * lift['balanced_accuracy']['point']:+.1f} [{100 * lift['balanced_accuracy']['ci_low']:+.1f}, "
@@ -162,7 +204,7 @@ def curve_lines(c: dict | None) -> list[str]:
         + f" {'lift (accuracy, points)':>26}",
     ]
     for size, entry in sorted(c["sizes"].items(), key=lambda item: int(item[0])):  # JSON keys sort as text
-        cells = [f"{_ci(entry[m]['accuracy'], True)} ({entry[m]['mcc']['point']:+.2f})"
+        cells = [f"{_ci(entry[m]['accuracy'], True)} ({_signed(entry[m]['mcc']['point'])})"
                  for m in ("pretrained", "scratch", "logreg", "majority")]
         lift = entry["lift"]["accuracy"]
         lift_cell = f"{100 * lift['point']:+.1f} [{100 * lift['ci_low']:+.1f}, {100 * lift['ci_high']:+.1f}]"
@@ -172,8 +214,19 @@ def curve_lines(c: dict | None) -> list[str]:
     return lines
 
 
+def _signed(x: float | None) -> str:
+    return "undefined" if x is None else f"{x:+.2f}"
+
+
 def run_experiment(name: str, extra: list[str]) -> None:
     """`moola tour` / `moola study`: its -S settings, then the user's options, through `dvc exp run`."""
+    from moola.dvc_lock import clear_stale_rwlock
+
+    # Before DVC's templating: an empty params.yaml or an unknown key (`seeed: 7`, which no stage reads, so DVC
+    # never complains) is named here in one line.
+    load_params()
+    for line in clear_stale_rwlock():
+        print(f"removed DVC's stale {line}: that process is gone (a killed run)", flush=True)
     sets = [arg for key, value in RUNS[name].items() for arg in ("-S", f"{key}={value}")]
     cmd = ["dvc", "exp", "run", *sets, *extra, *TARGETS]
     print("$ " + " ".join(cmd), flush=True)
@@ -196,6 +249,8 @@ def main(argv: list[str] | None = None) -> None:
                    "(moola parallel --help)")
     sub.add_parser("doctor", help="a GPU box's first command: will training use the GPU, in what precision, how "
                    "fast (moola doctor --help)")
+    sub.add_parser("unlock", help="after a killed `dvc repro` that DVC calls busy: remove the stage locks "
+                   "(.dvc/tmp/rwlock) of processes that are gone")
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["parallel"]:
         from moola import parallel
@@ -210,6 +265,10 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command in RUNS:
         run_main(lambda: run_experiment(args.command, extra))
+    elif args.command == "unlock":
+        from moola import dvc_lock
+
+        run_main(dvc_lock.main)
     else:
         run_main(lambda: print(report()))
 

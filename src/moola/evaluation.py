@@ -146,6 +146,24 @@ def _score(metric: str, weights: np.ndarray, predicted: np.ndarray, labels: np.n
     return np.mean([score(weights, row, labels) for row in np.atleast_2d(predicted)], axis=0)
 
 
+def undefined_because(labels: np.ndarray, metric: str) -> str | None:
+    """Why `metric` has no value on windows with these labels (None: it has one). A recall needs a window of its
+    class; with one class only, balanced accuracy and MCC do not measure what they are for."""
+    labels = np.asarray(labels)
+    present = [name for cls, name in enumerate(CLASS_NAMES) if np.any(labels == cls)]
+    if metric.startswith("recall_") and metric[len("recall_"):] not in present:
+        return f"no window of class '{metric[len('recall_'):]}' among the {len(labels)} scored: its recall is undefined"
+    if metric in ("balanced_accuracy", "mcc") and len(present) < 2:
+        only = present[0] if present else "?"
+        return f"the {len(labels)} windows scored are all '{only}': {metric} needs both classes"
+    return None
+
+
+def _undefined(reason: str) -> dict:
+    # JSON has no NaN: an undefined number is null, with the reason beside it (moola.io.write_json refuses NaN).
+    return {"point": None, "ci_low": None, "ci_high": None, "undefined": reason}
+
+
 def _interval(point: float, samples: np.ndarray, confidence: float) -> dict[str, float]:
     tail = (1.0 - confidence) / 2.0 * 100.0
     low, high = np.nanpercentile(samples, [tail, 100.0 - tail])
@@ -164,6 +182,9 @@ def bootstrap_interval(
     """A metric of (seeds, n) or (n,) class predictions with its percentile-bootstrap interval over windows;
     `counts` from resample_counts (share it between models to pair them)."""
     labels = np.asarray(labels)
+    reason = undefined_because(labels, metric)
+    if reason:
+        return _undefined(reason)
     return _interval(point_score(labels, predicted, metric), _score(metric, counts, predicted, labels), confidence)
 
 
@@ -184,6 +205,9 @@ def paired_bootstrap_lift(
     metric over seeds, so the interval reflects which windows happened to be labeled, not one lucky split.
     """
     labels = np.asarray(labels)
+    reason = undefined_because(labels, metric)
+    if reason:
+        return {**_undefined(reason), "inside_noise": None}
     if counts is None:
         counts = resample_counts(labels.shape[0], resamples, seed)
     everything = np.ones((1, labels.shape[0]), dtype=np.float64)

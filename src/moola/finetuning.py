@@ -401,7 +401,8 @@ def heldout_report(
             for metric in evaluation.HELDOUT_LIFT_METRICS
         }
         noisy = [m for m in evaluation.HELDOUT_LIFT_METRICS if lift[m]["inside_noise"]]
-        outside = [m for m in evaluation.HELDOUT_LIFT_METRICS if not lift[m]["inside_noise"]]
+        # A lift that is undefined (one class only: null, with its reason) is neither.
+        outside = [m for m in evaluation.HELDOUT_LIFT_METRICS if lift[m]["inside_noise"] is False]
         if not noisy:
             verdict = "outside the noise (every 95% interval excludes 0)"
         elif not outside:

@@ -103,6 +103,9 @@ def curve_report(
             scores = {}
             for metric in CURVE_METRICS:
                 interval = evaluation.bootstrap_interval(labels, predicted, metric, counts)
+                if interval.get("undefined"):  # one class only (data.allow_one_class_test): null, not a number
+                    scores[metric] = {**interval, "seed_min": None, "seed_max": None}
+                    continue
                 per_seed = [evaluation.point_score(labels, row, metric) for row in predicted]
                 scores[metric] = {**interval, "seed_min": round(min(per_seed), 6), "seed_max": round(max(per_seed), 6)}
             entry[model] = scores

@@ -16,7 +16,7 @@ import yaml
 
 from moola import paths
 from moola.errors import ParamsError
-from moola.validation import PARAMS_FILE, apply_rules, build, convert, type_name
+from moola.validation import PARAMS_FILE, apply_rules, build, convert, did_you_mean, type_name
 
 MASK_STRATEGIES = ("random", "block", "patch")
 FEATURES = ("open", "high", "low", "close")
@@ -72,6 +72,13 @@ class DataParams:
     val_fraction: float = _f(0.2, positive=True, max=0.5)
     # The shortest piece of the labeling regime that must be visible at a labeled window's end.
     min_final_segment: int = _f(15, positive=True)
+    # A bar whose range or close-to-close move (log) exceeds this many median absolute log returns of the file is
+    # an outlier (moola.data_checks): refused, naming the row, or dropped (one-bar spikes only) if drop_outliers.
+    outlier_threshold: float = _f(500.0, positive=True)
+    drop_outliers: bool = False
+    # A held-out set of one class is refused at prepare (its recall, balanced accuracy and MCC are undefined)
+    # unless this says it is intended; those metrics are then written as null with the reason.
+    allow_one_class_test: bool = False
 
 
 @dataclass(frozen=True)
@@ -275,7 +282,9 @@ def parse_params(raw: Any) -> Params:
     known = [f.name for f in dataclasses.fields(Params)]
     for key in raw:
         if key not in known:
-            raise ParamsError(f"{PARAMS_FILE}: unknown key '{key}' (expected one of: {', '.join(known)})")
+            raise ParamsError(
+                f"{PARAMS_FILE}: unknown key '{key}' ({did_you_mean(key, known)}expected one of: {', '.join(known)})"
+            )
     values: dict[str, Any] = {}
     for name in known:
         if name == "experiments":
@@ -316,6 +325,11 @@ def example_market_bars(d: DataParams) -> int:
                                   d.test_windows))
 
 
+def reads_example_market(d: DataParams) -> bool:
+    """Whether prepare reads the example market's bars (data.bars names its file)."""
+    return d.bars == paths.EXAMPLE_BARS
+
+
 def _cross_checks(p: Params) -> None:
     ft = p.finetune
     d = p.data
@@ -325,8 +339,9 @@ def _cross_checks(p: Params) -> None:
                           f"(one of each class), got {c.sizes}")
     if not c.seeds or len(set(c.seeds)) != len(c.seeds):
         raise ParamsError(f"{PARAMS_FILE}: curve.seeds must be distinct and not empty, got {c.seeds}")
-    # The example_market stage runs whichever files data.bars and data.labels name.
-    if example_market_bars(d) > EXAMPLE_MAX_BARS:
+    # Only where prepare reads the example market: own data is checked against what its windows need, at prepare.
+    # (The example_market stage, which runs either way, falls back to the default size when data.bars is own.)
+    if reads_example_market(d) and example_market_bars(d) > EXAMPLE_MAX_BARS:
         unlabeled_part = (d.unlabeled_windows - 1) * d.stride
         keys = (
             f"data.unlabeled_windows ({d.unlabeled_windows}) x data.stride ({d.stride})"

@@ -122,11 +122,12 @@ def run(p: Params, encoder: Path, ablation: str | None) -> None:
     }
     print(f"lift (pretrained - scratch): accuracy {lift['accuracy']['point']:+.3f} "
           f"[{lift['accuracy']['ci_low']:+.3f}, {lift['accuracy']['ci_high']:+.3f}]; {lift['verdict']}", flush=True)
-    io.write_parquet(OOF_PREDICTIONS, result.predictions)
-    for init, path in CONFUSION.items():
-        io.write_text(path, confusion_csv(result.predictions, init, ft.seeds[0]))
-    io.write_text(CURVES, result.curves.to_csv(index=False, float_format="%.6f", lineterminator="\n"))
-    io.write_json(FINETUNE_METRICS, report)
+    with io.written_together():  # all of them or none: a failed run leaves no plots without their metrics
+        io.write_parquet(OOF_PREDICTIONS, result.predictions)
+        for init, path in CONFUSION.items():
+            io.write_text(path, confusion_csv(result.predictions, init, ft.seeds[0]))
+        io.write_text(CURVES, result.curves.to_csv(index=False, float_format="%.6f", lineterminator="\n"))
+        io.write_json(FINETUNE_METRICS, report)
     print(f"wrote {FINETUNE_METRICS}, {OOF_PREDICTIONS}", flush=True)
 
 
