@@ -131,6 +131,19 @@ def test_heldout_of_one_class_when_allowed_writes_null_with_the_reason_and_the_r
     assert any("undefined" in line and line.startswith("  pretrained") for line in lines)
 
 
+def test_the_label_curve_on_one_class_writes_null_not_nan(tmp_path):
+    from moola.label_curve import MODELS, CurveResult, curve_report
+
+    rng = np.random.default_rng(1)
+    result = CurveResult([20], [], {(20, m): rng.integers(0, 2, size=(1, 40)) for m in MODELS})
+    per_size, table = curve_report(np.zeros(40, dtype=np.int64), result, 50, 1)
+    assert per_size["20"]["pretrained"]["mcc"]["undefined"] == (
+        "the 40 windows scored are all 'consolidation': mcc needs both classes")
+    assert per_size["20"]["pretrained"]["accuracy"]["point"] is not None
+    io.write_json(tmp_path / "label_curve.json", per_size)  # refused if any NaN were left
+    assert "NaN" not in (tmp_path / "label_curve.json").read_text()
+
+
 def test_nan_is_never_written_to_json(tmp_path):
     target = tmp_path / "metrics.json"
     with pytest.raises(OutputError) as info:
