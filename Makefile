@@ -18,9 +18,22 @@ CLOUD_STAMP := $(CLOUD_VENV)/.moola-installed
 
 .PHONY: setup tour study test cloud
 
+# The stamp alone cannot tell that the venv's python was deleted, or points at a Python that is gone (a system
+# upgrade): then every target would fall through to the system Python. Checked on every call (one python start).
+VENV_PYTHON_RUNS := $(shell "$(BIN)/python" -c "" >/dev/null 2>&1 && echo yes)
+ifneq ($(VENV_PYTHON_RUNS),yes)
+ifneq ($(wildcard $(STAMP)),)
+$(info make: $(BIN)/python is missing or broken: rebuilding $(VENV))
+.PHONY: $(STAMP)
+endif
+endif
+
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
+	@if [ -e "$(VENV)" ] && ! "$(BIN)/python" -c "" >/dev/null 2>&1; then \
+	  echo "make: $(BIN)/python is missing or broken: removing $(VENV) to rebuild it"; rm -rf "$(VENV)"; \
+	fi
 	@if [ ! -x "$(BIN)/python" ]; then \
 	  if $(PYTHON) -c "import sys, torch; sys.exit(0 if torch.version.cuda else 1)" 2>/dev/null; then \
 	    echo "make: the system Python has a CUDA torch: $(VENV) will use it"; \

@@ -25,9 +25,10 @@ HELDOUT_COVERS = "held-out windows"
 OOF_COVERS = "out-of-fold windows"
 
 
-def rate(value: float) -> float:
-    """An accuracy, lift or MCC to 3 decimals (0.1 accuracy point); never -0.0."""
-    return round(float(value), 3) + 0.0
+def rate(value: float | None) -> float | None:
+    """An accuracy, lift or MCC to 3 decimals (0.1 accuracy point); never -0.0. None (undefined: one class only)
+    stays None, written as null."""
+    return None if value is None else round(float(value), 3) + 0.0
 
 
 def loss(value: float) -> float:

@@ -253,6 +253,24 @@ def pair_scores(labels: np.ndarray, predicted: np.ndarray, metric: str) -> np.nd
     return BOOTSTRAP_METRICS[metric](np.ones((1, len(labels))), rows, labels)[0].reshape(predicted.shape[:-1])
 
 
+def undefined_because(labels: np.ndarray, metric: str) -> str | None:
+    """Why `metric` has no value on windows with these labels (None: it has one). A recall needs a window of its
+    class; with one class only, balanced accuracy and MCC do not measure what they are for."""
+    labels = np.asarray(labels)
+    present = [name for cls, name in enumerate(CLASS_NAMES) if np.any(labels == cls)]
+    if metric.startswith("recall_") and metric[len("recall_"):] not in present:
+        return f"no window of class '{metric[len('recall_'):]}' among the {len(labels)} scored: its recall is undefined"
+    if metric in ("balanced_accuracy", "mcc") and len(present) < 2:
+        only = present[0] if present else "?"
+        return f"the {len(labels)} windows scored are all '{only}': {metric} needs both classes"
+    return None
+
+
+def _undefined(reason: str) -> dict:
+    # JSON has no NaN: an undefined number is null, with the reason beside it (moola.io.write_json refuses NaN).
+    return {"point": None, "ci_low": None, "ci_high": None, "undefined": reason}
+
+
 def point_score(labels: np.ndarray, predicted: np.ndarray, metric: str) -> float:
     """The bootstrap's point estimate: the mean over (replicate, seed) pairs of the metric on every window."""
     return float(np.mean(pair_scores(labels, predicted, metric)))
@@ -277,6 +295,9 @@ def bootstrap_interval(
 ) -> dict:
     """A model's metric (mean over its pairs) with its percentile interval over the resampling's draws."""
     labels = np.asarray(labels)
+    reason = undefined_because(labels, metric)
+    if reason:
+        return _undefined(reason)
     return _interval(point_score(labels, predicted, metric), _resampled(metric, labels, predicted, res), confidence,
                      res)
 
@@ -291,6 +312,9 @@ def paired_bootstrap_lift(
 ) -> dict:
     """Lift of A over B (A's score - B's) with a percentile interval; both are scored on the same draws (paired)."""
     labels = np.asarray(labels)
+    reason = undefined_because(labels, metric)
+    if reason:
+        return {**_undefined(reason), "contains_zero": None}
     point = point_score(labels, predicted_a, metric) - point_score(labels, predicted_b, metric)
     samples = _resampled(metric, labels, predicted_a, res) - _resampled(metric, labels, predicted_b, res)
     out = _interval(point, samples, confidence, res)
@@ -301,15 +325,23 @@ def paired_bootstrap_lift(
 def lift_verdict(lifts: dict[str, dict], res: Resampling, n: int) -> str:
     """One line on a lift's intervals: which exclude 0, and what the intervals cover and do not."""
     metrics = [m for m in lifts if isinstance(lifts[m], dict) and "contains_zero" in lifts[m]]
-    zero = [m for m in metrics if lifts[m]["contains_zero"]]
-    clear = [m for m in metrics if not lifts[m]["contains_zero"]]
-    if not zero:
+    zero = [m for m in metrics if lifts[m]["contains_zero"] is True]
+    clear = [m for m in metrics if lifts[m]["contains_zero"] is False]
+    # An undefined lift (one class only: null, with its reason) is neither.
+    undefined = [m for m in metrics if lifts[m]["contains_zero"] is None]
+    if undefined:
+        metrics, head_undefined = [m for m in metrics if m not in undefined], f"; undefined for {', '.join(undefined)}"
+    else:
+        head_undefined = ""
+    if not metrics:
+        head = "no interval is defined"
+    elif not zero:
         head = "every 95% interval excludes 0"
     elif not clear:
         head = "every 95% interval contains 0"
     else:
         head = f"the 95% interval excludes 0 for {', '.join(clear)} and contains 0 for {', '.join(zero)}"
-    text = f"{head} (intervals over {' and '.join(res.covers())}"
+    text = f"{head}{head_undefined} (intervals over {' and '.join(res.covers())}"
     missing = res.not_covered()
     text += f"; not over {' or '.join(missing)})" if missing else ")"
     return text + f"; one window of {n} is {100 / n:.2f} points"

@@ -470,7 +470,7 @@ def lifts_with_intervals(
         lift: dict = {}
         for metric in metrics:
             lift[metric] = evaluation.paired_bootstrap_lift(labels, predicted[a], predicted[b], metric, res)
-            if independent is not None:
+            if independent is not None and lift[metric]["point"] is not None:
                 plain = evaluation.paired_bootstrap_lift(labels, predicted[a], predicted[b], metric, independent)
                 width = plain["ci_high"] - plain["ci_low"]
                 ratio = (lift[metric]["ci_high"] - lift[metric]["ci_low"]) / width if width > 0 else None

@@ -57,9 +57,45 @@ def _write_failed(path: Path, what: str, exc: OSError) -> OutputError:
     return OutputError(f"{path}: could not write {what}: {reason}; nothing was written ({hint}, then re-run the stage)")
 
 
+# Outputs written inside `written_together()`: (temporary file, destination, what), renamed into place at its end.
+_together: list[tuple[Path, Path, str]] | None = None
+
+
+@contextmanager
+def written_together() -> Iterator[None]:
+    """Every output written inside the block lands at its end, together, or none does.
+
+    A stage computes everything, then writes its outputs inside this block: a failure on the way (a refused write,
+    a value JSON cannot hold, any exception) leaves none of them, not the ones written before it either, so
+    `dvc status` and `moola report` never see one run's plots beside another's metrics (DVC removes a stage's
+    outputs before it runs). Each file is complete and fsync'ed before the first rename.
+    """
+    global _together
+    if _together is not None:  # nested: the outer block decides
+        yield
+        return
+    _together = []
+    try:
+        yield
+        landed: list[Path] = []
+        for tmp_path, path, what in _together:
+            try:
+                os.replace(tmp_path, path)
+            except OSError as exc:
+                for done in landed:  # all or none
+                    done.unlink(missing_ok=True)
+                raise _write_failed(path, what, exc) from None
+            landed.append(path)
+    finally:
+        for tmp_path, _, _ in _together:
+            tmp_path.unlink(missing_ok=True)
+        _together = None
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike, what: str = "the output") -> Iterator[Path]:
-    """Yield a temporary path in the destination's folder; rename it over `path` only if the block succeeds.
+    """Yield a temporary path in the destination's folder; rename it over `path` only if the block succeeds
+    (inside `written_together()`: at the end of that block).
 
     `what` says what is being written, for the one-line error when the system refuses the write.
     """
@@ -67,6 +103,8 @@ def atomic_path(path: str | os.PathLike, what: str = "the output") -> Iterator[P
     tmp_path: Path | None = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        if _together is not None:  # written twice in one block: the last one counts
+            _together[:] = [entry for entry in _together if entry[1] != path]
         for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a writer that was killed
             stale.unlink(missing_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -76,7 +114,11 @@ def atomic_path(path: str | os.PathLike, what: str = "the output") -> Iterator[P
         yield tmp_path
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
-        os.replace(tmp_path, path)
+        if _together is not None:
+            _together.append((tmp_path, path, what))
+            tmp_path = None  # written_together renames it, or removes it
+        else:
+            os.replace(tmp_path, path)
     except OSError as exc:
         raise _write_failed(path, what, exc) from None
     finally:
@@ -94,10 +136,33 @@ def write_text(path: str | os.PathLike, text: str) -> None:
     write_bytes(path, data, f"text ({_size(len(data))})")
 
 
+def _first_non_finite(obj: Any, where: str = "") -> str | None:
+    """The key path of the first NaN or infinity in `obj` ('heldout.pretrained.recall_retracement.point')."""
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return where or "the value"
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    for key, value in items:
+        found = _first_non_finite(value, f"{where}.{key}" if where else str(key))
+        if found:
+            return found
+    return None
+
+
 def write_json(path: str | os.PathLike, obj: Any, sort_keys: bool = True) -> None:
-    # Sorted keys and a fixed float format keep the bytes identical between identical runs. sort_keys=False keeps
-    # the caller's order (DVC shows a metrics file's keys in file order), which must then be fixed itself.
-    data = (json.dumps(obj, indent=2, sort_keys=sort_keys, allow_nan=False) + "\n").encode("utf-8")
+    """Sorted keys and a fixed float format keep the bytes identical between identical runs (sort_keys=False keeps
+    the caller's order, as DVC shows a metrics file's keys in file order, which must then be fixed itself). JSON has no NaN or infinity (Python's json
+    would write the invalid token `NaN`): an undefined number is written as null with its reason beside it, and
+    one that slips through is refused here, in one line naming the key, with nothing written."""
+    try:
+        data = (json.dumps(obj, indent=2, sort_keys=sort_keys, allow_nan=False) + "\n").encode("utf-8")
+    except ValueError:
+        key = _first_non_finite(obj)
+        if key is None:
+            raise
+        raise OutputError(
+            f"{path}: could not write JSON: {key} is not a finite number (JSON has no NaN or infinity; an "
+            "undefined metric is written as null with its reason); nothing was written"
+        ) from None
     write_bytes(path, data, f"JSON ({_size(len(data))})")
 
 

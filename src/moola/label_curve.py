@@ -109,6 +109,9 @@ def curve_report(
             scores = {}
             for metric in CURVE_METRICS:
                 interval = evaluation.bootstrap_interval(labels, predicted[model], metric, res)
+                if interval.get("undefined"):  # one class only (data.allow_one_class_test): null, not a number
+                    scores[metric] = {**interval, "seed_min": None, "seed_max": None}
+                    continue
                 per_seed = evaluation.pair_scores(labels, predicted[model], metric).ravel()
                 scores[metric] = {**interval, "seed_min": round(float(per_seed.min()), 6),
                                   "seed_max": round(float(per_seed.max()), 6)}

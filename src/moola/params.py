@@ -16,7 +16,7 @@ import yaml
 
 from moola import paths
 from moola.errors import ParamsError
-from moola.validation import PARAMS_FILE, apply_rules, build, convert, type_name
+from moola.validation import PARAMS_FILE, apply_rules, build, convert, did_you_mean, type_name
 
 MASK_STRATEGIES = ("random", "block", "patch")
 FEATURES = ("open", "high", "low", "close")
@@ -78,6 +78,13 @@ class DataParams:
     # after: the held-out windows come after every training window (checked by prepare; unlabeled windows past the
     # cut are left out). anywhere: interleaved held-out windows are accepted, and every result says so.
     heldout: Literal["after", "anywhere"] = "after"
+    # A bar whose range or close-to-close move (log) exceeds this many median absolute log returns of the file is
+    # an outlier (moola.data_checks): refused, naming the row, or dropped (one-bar spikes only) if drop_outliers.
+    outlier_threshold: float = _f(500.0, positive=True)
+    drop_outliers: bool = False
+    # A held-out set of one class is refused at prepare (its recall, balanced accuracy and MCC are undefined)
+    # unless this says it is intended; those metrics are then written as null with the reason.
+    allow_one_class_test: bool = False
 
 
 @dataclass(frozen=True)
@@ -290,7 +297,9 @@ def parse_params(raw: Any) -> Params:
     known = [f.name for f in dataclasses.fields(Params)]
     for key in raw:
         if key not in known:
-            raise ParamsError(f"{PARAMS_FILE}: unknown key '{key}' (expected one of: {', '.join(known)})")
+            raise ParamsError(
+                f"{PARAMS_FILE}: unknown key '{key}' ({did_you_mean(key, known)}expected one of: {', '.join(known)})"
+            )
     values: dict[str, Any] = {}
     for name in known:
         if name == "experiments":
@@ -331,6 +340,11 @@ def example_market_bars(d: DataParams) -> int:
                                   d.test_windows))
 
 
+def reads_example_market(d: DataParams) -> bool:
+    """Whether prepare reads the example market's bars (data.bars names its file)."""
+    return d.bars == paths.EXAMPLE_BARS
+
+
 def _cross_checks(p: Params) -> None:
     ft = p.finetune
     d = p.data
@@ -347,7 +361,9 @@ def _cross_checks(p: Params) -> None:
         raise ParamsError(f"{PARAMS_FILE}: finetune.bootstrap_block must be a positive integer (windows per block) or "
                           f"auto, got {block!r}")
     # The example_market stage runs whichever files data.bars and data.labels name.
-    if example_market_bars(d) > EXAMPLE_MAX_BARS:
+    # Only where prepare reads the example market: own data is checked against what its windows need, at prepare.
+    # (The example_market stage, which runs either way, falls back to the default size when data.bars is own.)
+    if reads_example_market(d) and example_market_bars(d) > EXAMPLE_MAX_BARS:
         unlabeled_part = (d.unlabeled_windows - 1) * d.stride
         keys = (
             f"data.unlabeled_windows ({d.unlabeled_windows}) x data.stride ({d.stride})"

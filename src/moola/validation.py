@@ -17,6 +17,14 @@ from moola.errors import ParamsError
 PARAMS_FILE = "params.yaml"
 
 
+def did_you_mean(key: Any, known: list[str]) -> str:
+    """'did you mean 'seed'? ' for a typo'd key (`seeed`), or nothing."""
+    import difflib
+
+    close = difflib.get_close_matches(str(key), known, n=1)
+    return f"did you mean '{close[0]}'? " if close else ""
+
+
 def type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if origin is Literal:
@@ -91,7 +99,8 @@ def build(cls: type, raw: Any, prefix: str) -> Any:
         if key not in fields:
             dotted = f"{prefix}.{key}" if prefix else str(key)
             raise ParamsError(
-                f"{PARAMS_FILE}: unknown key '{dotted}' (expected one of: {', '.join(fields)})"
+                f"{PARAMS_FILE}: unknown key '{dotted}' ({did_you_mean(key, list(fields))}expected one of: "
+                f"{', '.join(fields)})"
             )
     values = {}
     for name, f in fields.items():

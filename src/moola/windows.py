@@ -127,11 +127,12 @@ def read_bars(path: str | Path) -> pd.DataFrame:
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: not found (params.yaml data.bars names it; see README, 'Data format')")
+    _refuse_directory(path, "data.bars")
     try:
         if path.suffix == ".parquet":
             bars = pd.read_parquet(path)
         elif path.suffix == ".csv":
-            bars = pd.read_csv(path)
+            bars = read_csv_file(path)
         else:
             raise DataError(f"{path}: unknown bars format '{path.suffix}' (expected .parquet or .csv)")
     except DataError:
@@ -146,7 +147,8 @@ def validate_bars(bars: pd.DataFrame, path: str | Path = "bars") -> pd.DataFrame
     missing = [c for c in ["timestamp", *PRICE_COLUMNS] if c not in bars.columns]
     if missing:
         raise DataError(
-            f"{path}: missing column(s) {', '.join(missing)} (expected timestamp, open, high, low, close; volume optional)"
+            f"{path}: missing column(s) {', '.join(missing)}{found_columns(bars.columns, missing)} (expected "
+            "timestamp, open, high, low, close; volume optional)"
         )
     if len(bars) == 0:
         raise DataError(f"{path}: no rows (expected bars with timestamp, open, high, low, close)")
@@ -192,6 +194,56 @@ def validate_bars(bars: pd.DataFrame, path: str | Path = "bars") -> pd.DataFrame
     out = pd.DataFrame({"timestamp": parsed, **prices})
     out.attrs["timestamps_with_offset"] = with_offset  # labels must match (read_labels' bars_with_offset)
     return out
+
+
+def _refuse_directory(path: Path, key: str) -> None:
+    if path.is_dir():
+        raise DataError(
+            f"{path}: a directory, not a {path.suffix[1:] or 'data'} file (params.yaml {key} names it; expected one "
+            "file; a partitioned dataset: write it as a single file)"
+        )
+
+
+def found_columns(columns, missing: list[str]) -> str:
+    """': found <the header as written, quoted>' for a missing-column error, with a hint for stray spaces."""
+    names = [str(c) for c in columns]
+    found = ", ".join(repr(c) for c in names) if names else "no columns"
+    spaced = [c for c in names if c != c.strip() and c.strip() in missing]
+    hint = f"; {spaced[0]!r} has spaces around it: remove them" if spaced else ""
+    return f" (found {found}{hint})"
+
+
+def _not_utf8(path: Path, exc: UnicodeDecodeError) -> DataError:
+    """The row where decoding failed, and a guess at the encoding the file is in."""
+    data = path.read_bytes()
+    if data[:2] in (b"\xff\xfe", b"\xfe\xff") or data[:200].count(b"\x00") > 20:
+        guess, at = "UTF-16", 0
+    else:
+        guess = "Windows-1252 or Latin-1"
+        try:
+            data.decode("utf-8")
+            at = exc.start
+        except UnicodeDecodeError as own:
+            at = own.start
+    line = data[:at].count(b"\n") + 1
+    where = "the header (line 1)" if line == 1 else f"row {line - 1}"
+    return DataError(f"{path}: {where}: not UTF-8 (looks like {guess}, byte {at}); save it as UTF-8")
+
+
+def read_csv_file(path: Path) -> pd.DataFrame:
+    """pd.read_csv, with one-line errors for what a spreadsheet export gets wrong: not UTF-8, not comma-separated."""
+    try:
+        frame = pd.read_csv(path)
+    except UnicodeDecodeError as exc:
+        raise _not_utf8(path, exc) from None
+    if len(frame.columns) == 1:
+        header = str(frame.columns[0])
+        for sep, name in ((";", "';'"), ("\t", "tab")):
+            if sep in header:
+                raise DataError(
+                    f"{path}: one column {header!r}: looks like {name}-separated; save it as comma-separated CSV"
+                )
+    return frame
 
 
 def _bar_text(prices: dict, i: int) -> str:
@@ -243,8 +295,11 @@ def read_label_table(path: str | Path, key: str = "data.labels") -> pd.DataFrame
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: not found (params.yaml {key} names it; see README, 'Data format')")
+    _refuse_directory(path, key)
     try:
-        return pd.read_csv(path)
+        return read_csv_file(path)
+    except DataError:
+        raise
     except Exception as exc:
         raise DataError(f"{path}: cannot be read as csv ({type(exc).__name__}: {exc})") from None
 
@@ -262,7 +317,10 @@ def match_labels(
     """
     missing = [c for c in ("start", "label") if c not in labels.columns]
     if missing:
-        raise DataError(f"{path}: missing column(s) {', '.join(missing)} (expected start, label)")
+        raise DataError(
+            f"{path}: missing column(s) {', '.join(missing)}{found_columns(labels.columns, missing)} (expected "
+            "start, label)"
+        )
     if len(labels) == 0:
         raise DataError(f"{path}: no rows (expected one labeled window per row)")
     index_of = pd.Index(timestamps)

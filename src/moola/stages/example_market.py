@@ -6,18 +6,35 @@ params.yaml's data.bars and data.labels point at these by default.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pyarrow as pa
 
 from moola import io, market, paths
 from moola.errors import run_main
-from moola.params import load_params
+from moola.params import EXAMPLE_MAX_BARS, DataParams, example_market_bars, load_params, reads_example_market
 
 BARS, LABELS, TEST_LABELS = paths.EXAMPLE_BARS, paths.EXAMPLE_LABELS, paths.EXAMPLE_TEST_LABELS
 
 
+def example_sizes(d: DataParams) -> DataParams:
+    """The data params the example market is generated with: `d`, or, where data.bars is your own file (nothing
+    reads the example) and `d` asks for more bars than fit in memory, the default sizes (the stage still runs in a
+    plain `dvc repro`, so it must not fail on own data that needs large windows)."""
+    if reads_example_market(d) or example_market_bars(d) <= EXAMPLE_MAX_BARS:
+        return d
+    default = DataParams()
+    sizes = ("window", "stride", "unlabeled_windows", "labeled_windows", "label_pool", "test_windows",
+             "min_final_segment")
+    print(f"data.bars is {d.bars}, not the example market, and data.* would ask it for {example_market_bars(d):,} "
+          f"bars (more than {EXAMPLE_MAX_BARS:,}): writing it at its default size instead (nothing reads it)",
+          flush=True)
+    return dataclasses.replace(d, **{k: getattr(default, k) for k in sizes})
+
+
 def main() -> None:
     p = load_params()
-    d = p.data
+    d = example_sizes(p.data)
     bars, labels, test_labels = market.example_data(
         p.seed, d.window, d.stride, d.unlabeled_windows, d.labeled_windows, d.min_final_segment,
         d.label_pool, d.test_windows,
@@ -28,9 +45,10 @@ def main() -> None:
         + [("volume", pa.int64())]
     )
     table = pa.Table.from_pandas(bars, schema=schema, preserve_index=False).replace_schema_metadata(None)
-    io.write_parquet(BARS, table)
-    io.write_text(LABELS, labels.to_csv(index=False))
-    io.write_text(TEST_LABELS, test_labels.to_csv(index=False))
+    with io.written_together():
+        io.write_parquet(BARS, table)
+        io.write_text(LABELS, labels.to_csv(index=False))
+        io.write_text(TEST_LABELS, test_labels.to_csv(index=False))
     print(
         f"Example market: {len(bars):,} bars -> {BARS}, {len(labels)} labeled windows -> {LABELS}, "
         f"{len(test_labels)} held-out windows (a later stretch) -> {TEST_LABELS}",

@@ -160,17 +160,18 @@ def run(p: Params, encoder: Path, ablation: str | None) -> None:
     for name, lift in lifts.items():
         print(f"out-of-fold {name}: accuracy {lift['accuracy']['point']:+.3f} [{lift['accuracy']['ci_low']:+.3f}, "
               f"{lift['accuracy']['ci_high']:+.3f}]; {lift['verdict']}", flush=True)
-    io.write_parquet(OOF_PREDICTIONS, result.predictions)
-    for init, path in CONFUSION.items():
-        io.write_text(path, confusion_csv(result.predictions, init, ft.seeds[0]))
-    io.write_text(CURVES, result.curves.to_csv(index=False, float_format="%.6f", lineterminator="\n"))
-    io.write_text(LIFT_PER_SEED, finetuning.pair_lift_table(heldout).to_csv(
-        index=False, float_format="%.6f", lineterminator="\n"))
-    io.write_json(FINETUNE_METRICS, report)
-    # The encoder's own record of its validation loss: no dep on select's report.
-    # Not sorted: the lift first, as `dvc exp show` and `dvc metrics diff` list the keys in file order.
-    io.write_json(ANSWER, answer.headline(report, report["selected_encoder"], checkpoint.training["best_val_loss"]),
-                  sort_keys=False)
+    with io.written_together():  # all of them or none: a failed run leaves no plots without their metrics
+        io.write_parquet(OOF_PREDICTIONS, result.predictions)
+        for init, path in CONFUSION.items():
+            io.write_text(path, confusion_csv(result.predictions, init, ft.seeds[0]))
+        io.write_text(CURVES, result.curves.to_csv(index=False, float_format="%.6f", lineterminator="\n"))
+        io.write_text(LIFT_PER_SEED, finetuning.pair_lift_table(heldout).to_csv(
+            index=False, float_format="%.6f", lineterminator="\n"))
+        io.write_json(FINETUNE_METRICS, report)
+        # The encoder's own record of its validation loss: no dep on select's report.
+        # Not sorted: the lift first, as `dvc exp show` and `dvc metrics diff` list the keys in file order.
+        io.write_json(ANSWER, answer.headline(report, report["selected_encoder"], checkpoint.training["best_val_loss"]),
+                      sort_keys=False)
     print(f"wrote {ANSWER}, {FINETUNE_METRICS}, {OOF_PREDICTIONS}", flush=True)
 
 

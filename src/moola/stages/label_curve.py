@@ -36,8 +36,9 @@ def run(p: Params) -> None:
     if len(test) == 0:
         note = f"no held-out set ({p.data.test_labels} has no rows): the curve needs held-out windows to score"
         print(note, flush=True)
-        io.write_json(CURVE_METRICS, {"heldout_windows": 0, "note": note})
-        io.write_text(CURVE_PLOT, pd.DataFrame(columns=["labels", "model"]).to_csv(index=False))
+        with io.written_together():
+            io.write_json(CURVE_METRICS, {"heldout_windows": 0, "note": note})
+            io.write_text(CURVE_PLOT, pd.DataFrame(columns=["labels", "model"]).to_csv(index=False))
         return
     device = finetune_device(ft)
     checkpoint = load_encoder_checkpoint(SELECTED_ENCODER, expect_hidden=ft.hidden_size)
@@ -73,8 +74,9 @@ def run(p: Params) -> None:
         print(f"labels {size:>4}: " + ", ".join(
             f"{m} {100 * entry[m]['accuracy']['point']:.1f}%" for m in label_curve.MODELS
         ) + f"; {lifts}", flush=True)
-    io.write_text(CURVE_PLOT, table.to_csv(index=False, float_format="%.6f", lineterminator="\n"))
-    io.write_json(CURVE_METRICS, report)
+    with io.written_together():
+        io.write_text(CURVE_PLOT, table.to_csv(index=False, float_format="%.6f", lineterminator="\n"))
+        io.write_json(CURVE_METRICS, report)
     print(f"wrote {CURVE_METRICS}, {CURVE_PLOT}", flush=True)
 
 

@@ -7,10 +7,13 @@ writes in the same format; dvc.yaml lists whichever files params name as this st
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pandas as pd
 
 from moola import io
+from moola.data_checks import check_outliers, check_test_classes, degenerate_warnings
 from moola.errors import run_main
 from moola.params import CLASS_NAMES, FEATURES, DataParams, load_params
 from moola.preparation import Prepared, check_test_labels_follow_bars, prepare
@@ -29,18 +32,27 @@ from moola.windows import (
 def main() -> None:
     p = load_params()
     check_test_labels_follow_bars(p.data)
-    bars = read_bars(p.data.bars)
+    bars, dropped = check_outliers(read_bars(p.data.bars), p.data)
     out = prepare(p, bars, read_label_table(p.data.labels), read_label_table(p.data.test_labels, "data.test_labels"))
     unlabeled, labeled = out.unlabeled, out.labeled
     # Fail now, not after hours of pretraining (finetune.folds is checked, not used: it is no dep of this stage).
     check_pipeline_can_finish(unlabeled, labeled, p.finetune.folds, p.data.bars, p.data.labels)
+    check_test_classes(out.test.label, p.data)
+    if dropped:
+        print(f"dropped {dropped} outlier bar(s) of {p.data.bars} (one-bar spikes beyond data.outlier_threshold="
+              f"{p.data.outlier_threshold:g} median moves; data.drop_outliers is true)", flush=True)
+    for line in degenerate_warnings({"unlabeled": (unlabeled.values, unlabeled.start),
+                                     "labeled": (out.pool.values, out.pool.start),
+                                     "held-out": (out.test.values, out.test.start)}):
+        print(line, file=sys.stderr, flush=True)
     n_val = int(np.sum(unlabeled.split == "val"))
     counts = np.bincount(labeled.label, minlength=len(CLASS_NAMES))
     # Every file is computed before any is written: bad input never leaves one of them behind.
-    io.write_parquet(UNLABELED, windows_table(unlabeled))
-    io.write_parquet(LABELED, windows_table(labeled))
-    io.write_parquet(LABEL_POOL, windows_table(out.pool))
-    io.write_parquet(TEST, windows_table(out.test))
+    with io.written_together():
+        io.write_parquet(UNLABELED, windows_table(unlabeled))
+        io.write_parquet(LABELED, windows_table(labeled))
+        io.write_parquet(LABEL_POOL, windows_table(out.pool))
+        io.write_parquet(TEST, windows_table(out.test))
     print(
         f"Loaded {len(unlabeled):,} unlabeled windows ({len(unlabeled) - n_val:,} train, {n_val:,} validation; "
         f"{p.data.window} bars x {len(FEATURES)} features, from {p.data.bars})",

@@ -133,29 +133,30 @@ def main(argv: list[str] | None = None) -> None:
     resume = resume_path_for(exp.name)
     result = pretrain(train, val, exp, p.seed, device=device, resume_path=resume, fingerprint=fingerprint)
 
-    save_encoder_checkpoint(
-        paths.encoder(exp.name), result.model, encoder_hyperparams(exp, p.data.window, result.numerics),
-        result.training,
-    )
-    io.write_json(paths.pretrain_metrics(exp.name), metrics(result, exp))
-    io.write_text(paths.pretrain_curve(exp.name), plot_csv(result))
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
     if peak is not None:
         log_line(f"{exp.name}: peak GPU memory {peak:,.0f} MiB")  # moola parallel repeats this line per job
-    io.write_json(
-        runtime_path(exp.name),
-        {
-            "seconds": round(result.seconds, 3),
-            "samples_per_second": round(result.samples_per_second, 1),
-            "device": result.device,
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-            "precision": result.precision,
-            # What really ran: the LSTM's dtype (read from its output), autocast, loss scaling, TF32, cuDNN flags.
-            "numerics": result.numerics,
-            "peak_gpu_memory_mib": None if peak is None else round(peak, 1),
-        },
-    )
+    with io.written_together():  # the encoder, its metrics, curve and runtime: all or none
+        save_encoder_checkpoint(
+            paths.encoder(exp.name), result.model, encoder_hyperparams(exp, p.data.window, result.numerics),
+            result.training,
+        )
+        io.write_json(paths.pretrain_metrics(exp.name), metrics(result, exp))
+        io.write_text(paths.pretrain_curve(exp.name), plot_csv(result))
+        io.write_json(
+            runtime_path(exp.name),
+            {
+                "seconds": round(result.seconds, 3),
+                "samples_per_second": round(result.samples_per_second, 1),
+                "device": result.device,
+                "torch": torch.__version__,
+                "threads": torch.get_num_threads(),
+                "precision": result.precision,
+                # What really ran: the LSTM's dtype (read from its output), autocast, loss scaling, TF32, cuDNN flags.
+                "numerics": result.numerics,
+                "peak_gpu_memory_mib": None if peak is None else round(peak, 1),
+            },
+        )
     resume.unlink(missing_ok=True)
     log_line(
         f"{exp.name}: best val loss {result.best_val_loss:.6f} at epoch {result.best_epoch} of "

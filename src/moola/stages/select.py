@@ -83,8 +83,9 @@ def select(root: Path = Path(".")) -> dict:
     for c in candidates:
         print(f"{c.name}: {report['candidates'][c.name]['reason']}", flush=True)
     # The exact bytes: data/selected/encoder.pt hashes the same as the chosen experiment's file.
-    io.write_bytes(root / SELECTED_ENCODER, (root / encoder_path(chosen.name)).read_bytes())
-    io.write_json(root / SELECT_METRICS, report)
+    with io.written_together():
+        io.write_bytes(root / SELECTED_ENCODER, (root / encoder_path(chosen.name)).read_bytes())
+        io.write_json(root / SELECT_METRICS, report)
     print(f"selected {chosen.name} (best val loss {chosen.best_val_loss:.4g}) -> {SELECTED_ENCODER}", flush=True)
     return report
 
