@@ -101,7 +101,8 @@ def test_select_ranked_every_encoder_on_one_common_validation_set(pipeline):
     assert selected["common_val_loss"] == cands[selected["selected"]]["common_val_loss"]
 
     table = report_table(pipeline, ablation=False)
-    assert f"Selected encoder: {selected['selected']} (lowest common val loss {selected['common_val_loss']:.5f}" in table
+    chosen_line = f"Selected encoder: {selected['selected']} (lowest common val loss {selected['common_val_loss']:.5f}"
+    assert chosen_line in table
     assert f"{cands['exp5_random_mask']['common_val_loss']:>10.5f}" in table
 
     outputs = ["metrics/select.json", "data/selected/encoder.pt"]

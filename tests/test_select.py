@@ -216,7 +216,8 @@ def test_the_basis_decides_when_own_and_common_rankings_differ(workspace):
     common = {e: c["common_val_loss"] for e, c in cands.items()}
     assert min(own, key=own.get) == "exp5_random_mask" and min(common, key=common.get) == "exp2_conservative"
     assert report["selected"] == "exp2_conservative" and report["compare_on"] == "common"
-    assert report["common_val_loss"] == common["exp2_conservative"] and report["best_val_loss"] == own["exp2_conservative"]
+    assert report["common_val_loss"] == common["exp2_conservative"]
+    assert report["best_val_loss"] == own["exp2_conservative"]
     assert cands["exp2_conservative"]["reason"].startswith("chosen: lowest common val loss")
     assert "(own-mask best val loss " in cands["exp2_conservative"]["reason"]
     assert cands["exp5_random_mask"]["reason"].startswith("stable, but common val loss")
@@ -241,8 +242,8 @@ def test_an_encoder_without_a_decoder_cannot_be_ranked_on_the_common_set(workspa
     torch.manual_seed(0)
     save_encoder_checkpoint(  # the encoder alone: what moola wrote before it kept the decoder
         workspace / select_stage.encoder_path("exp1_baseline"), nn.LSTM(4, 128, batch_first=True, bidirectional=True),
-        {"input_size": 4, "hidden_size": 128, "num_layers": 1, "bidirectional": True}, {"best_val_loss": 0.01,
-                                                                                        "best_epoch": 30, "epochs_run": 30},
+        {"input_size": 4, "hidden_size": 128, "num_layers": 1, "bidirectional": True},
+        {"best_val_loss": 0.01, "best_epoch": 30, "epochs_run": 30},
     )
     report = select_stage.select(workspace)
     why = report["candidates"]["exp1_baseline"]["reason"]

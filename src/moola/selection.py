@@ -4,7 +4,7 @@ the files and writes the result).
 Among the experiments whose encoder converged stably and fits SimpleLSTM, the lowest validation loss wins:
 by default (select.compare_on: common) the loss on one common masked validation set, the same windows and the same
 masks for every encoder, so that the losses compare; with `own`, each experiment's best validation loss under its
-own mask (a random mask hides isolated steps, easy to interpolate, so it wins that race by construction).
+own mask (losses under masks that are easier or harder to fill in, such as isolated steps against whole patches).
 Stable means (thresholds in params.select, defaults from the reference document's red flags):
   - every loss finite;
   - learned: validation loss at select.check_epoch at most select.max_val_loss_at_check (a run shorter than
@@ -139,7 +139,8 @@ def reason(c: Candidate, chosen: Candidate, n_passed: int, compare_on: str) -> s
     if compare_on == "common":
         basis, other = "common val loss", f" (own-mask best val loss {_g(c.best_val_loss)})"
     else:
-        basis, other = "best val loss", "" if c.common_val_loss is None else f" (common val loss {_g(c.common_val_loss)})"
+        basis = "best val loss"
+        other = "" if c.common_val_loss is None else f" (common val loss {_g(c.common_val_loss)})"
     if c is chosen:
         text = f"chosen: lowest {basis} {_g(c.loss(compare_on))} among {n_passed} stable encoder(s){other}"
     elif c.passed:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -19,7 +20,7 @@ from moola import io, paths
 from moola.device import use_threads
 from moola.errors import CheckpointDamaged, CheckpointError, DataError, run_main
 from moola.models import load_autoencoder, load_encoder_checkpoint
-from moola.params import FEATURES, PARAMS_FILE, Experiment, Params, PretrainParams, load_params
+from moola.params import FEATURES, PARAMS_FILE, Params, PretrainParams, load_params
 from moola.pretraining import EpochMasks, masked_validation_loss, read_unlabeled, validation_masks
 from moola.selection import assess, choose, selection_report
 from moola.windows import UNLABELED
@@ -75,7 +76,7 @@ def mask_settings(strategy: str, exp_train: PretrainParams) -> tuple:
     return strategy, exp_train.mask_ratio, extra
 
 
-def common_validation(p: Params, root: Path) -> tuple:
+def common_validation(p: Params, root: Path) -> tuple[np.ndarray, EpochMasks, dict]:
     """The common validation set: (validation windows, their masks, a description for metrics/select.json)."""
     _, val = read_unlabeled(root / UNLABELED, p.data.window)  # the split pretraining validates on
     masks = validation_masks(p.mask, p.pretrain, len(val), p.data.window, len(FEATURES), p.seed)
@@ -125,7 +126,7 @@ def select(root: Path = Path(".")) -> dict:
         else:
             common, common_problem = score_common(path, checkpoint, val, masks, p.pretrain.batch_size)
         cand = assess(name, metrics, curve, hidden, problem, p.select, expect_hidden, common, common_problem)
-        exp: Experiment = p.experiment(name)
+        exp = p.experiment(name)
         cand.own_masks_are_common = mask_settings(exp.mask, exp.train) == common_settings
         candidates.append(cand)
     chosen = choose(candidates, p.select.fallback, p.select.compare_on)
