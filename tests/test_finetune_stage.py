@@ -83,6 +83,45 @@ def test_finetune_metrics_layout(pipeline):
                                                        rel=1e-3)
 
 
+def test_select_ranked_every_encoder_on_one_common_validation_set(pipeline):
+    """select scored the five real encoders on the validation split pretraining used, masked as the top-level
+    mask's experiments were validated: for those, the common loss is their own best validation loss, exactly, when
+    both ran on the CPU. The pick is the lowest common loss among the stable ones; the report shows both losses;
+    a re-run gives the same bytes and leaves `dvc status` clean."""
+    from moola.cli import report as report_table
+
+    p = load_params(pipeline / "params.yaml")
+    selected = json.loads((pipeline / "metrics/select.json").read_text())
+    assert selected["compare_on"] == p.select.compare_on == "common"
+    unlabeled = read_windows(pipeline / "data/prepared/unlabeled_windows.parquet")
+    common = selected["common_validation"]
+    assert common["windows"] == int((unlabeled.split == "val").sum()) == 14
+    assert (common["mask"], common["seed"], common["batch_size"]) == (p.mask, p.seed, p.pretrain.batch_size)
+    cands = selected["candidates"]
+    for exp, c in cands.items():
+        own = json.loads((pipeline / f"metrics/pretrain/{exp}.json").read_text())
+        assert c["best_val_loss"] == own["best_val_loss"] and np.isfinite(c["common_val_loss"]), exp
+        assert c["own_masks_are_common"] == (p.experiment(exp).mask == p.mask), exp
+        ran_on = json.loads((pipeline / f"metrics/runtime/pretrain_{exp}.json").read_text())["device"]
+        if c["own_masks_are_common"] and ran_on.startswith("cpu"):
+            assert c["common_val_loss"] == own["best_val_loss"], exp  # the same windows, masks and arithmetic
+    assert [c["own_masks_are_common"] for c in cands.values()] == [True, True, True, False, False]
+    stable = {exp: c["common_val_loss"] for exp, c in cands.items() if c["passed"]}
+    assert selected["selected"] == min(stable, key=stable.get)
+    assert selected["common_val_loss"] == cands[selected["selected"]]["common_val_loss"]
+
+    table = report_table(pipeline, ablation=False)
+    chosen_line = f"Selected encoder: {selected['selected']} (lowest common val loss {selected['common_val_loss']:.5f}"
+    assert chosen_line in table
+    assert f"{cands['exp5_random_mask']['common_val_loss']:>10.5f}" in table
+
+    outputs = ["metrics/select.json", "data/selected/encoder.pt"]
+    before = {path: md5(pipeline / path) for path in outputs}
+    run(["dvc", "repro", "-f", "-s", "select"], pipeline)
+    assert {path: md5(pipeline / path) for path in outputs} == before
+    assert "Data and pipelines are up to date" in run(["dvc", "status"], pipeline).stdout
+
+
 def test_oof_predictions_cover_every_window_once_per_seed_and_init(pipeline):
     p = load_params(pipeline / "params.yaml")
     labeled = read_windows(pipeline / "data/prepared/labeled_windows.parquet")

@@ -196,3 +196,52 @@ def test_weights_checksum_covers_names_shapes_and_bytes():
     reshaped = {**encoder, "bias_ih_l0": encoder["bias_ih_l0"].reshape(2, -1)}
     nudged = {**encoder, "bias_ih_l0": encoder["bias_ih_l0"] + 1e-7}
     assert len({digest, weights_sha256(renamed), weights_sha256(reshaped), weights_sha256(nudged)}) == 4
+
+
+def test_the_decoder_travels_with_the_encoder_and_its_checksum(tmp_path):
+    """An autoencoder's checkpoint keeps its decoder (select scores masked reconstruction with it): the rebuilt
+    autoencoder gives the same reconstruction, the checksum covers the decoder's bytes, and fine-tuning's view (the
+    encoder's state_dict) is what it was."""
+    from moola.classifier import SimpleLSTM, load_forward_weights
+    from moola.models import checksummed_tensors, load_autoencoder
+
+    torch.manual_seed(0)
+    model = BiLSTMMaskedAutoencoder(hidden_size=16, decoder_hidden=8)
+    with torch.no_grad():
+        model.mask_token.fill_(0.25)  # not its zero initialisation: a lost mask token would show
+    path = tmp_path / "data/pretrained/exp4_block_mask_encoder.pt"
+    save_encoder_checkpoint(path, model, hyperparams(16), TRAINING)
+    raw = torch.load(path, weights_only=True)
+    assert set(raw["decoder_state_dict"]) == {"mask_token", "decoder.0.weight", "decoder.0.bias", "decoder.2.weight",
+                                              "decoder.2.bias"}
+    assert raw["weights_sha256"] == weights_sha256(checksummed_tensors(raw["state_dict"], raw["decoder_state_dict"]))
+    assert raw["weights_sha256"] != weights_sha256(raw["state_dict"])
+    ckpt = load_encoder_checkpoint(path, expect_hidden=16)
+    x, mask = batch()
+    with torch.no_grad():
+        assert torch.equal(load_autoencoder(ckpt, path)(x, mask), model.eval()(x, mask))
+    assert load_forward_weights(SimpleLSTM(hidden_size=16, attention_heads=2), path) == [
+        "weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0"]
+
+    # One bit flipped in a decoder tensor: refused like one in the encoder.
+    weight = raw["decoder_state_dict"]["decoder.0.weight"].numpy().tobytes()
+    data = bytearray(path.read_bytes())
+    data[data.find(weight[:32]) + 5] ^= 0x40
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointDamaged, match="weights fail their checksum") as err:
+        load_encoder_checkpoint(path)
+    assert "dvc repro -f -s pretrain@exp4_block_mask" in str(err.value)
+
+
+def test_an_encoder_saved_alone_loads_but_has_no_autoencoder(tmp_path):
+    from moola.models import load_autoencoder
+
+    path = tmp_path / "data/pretrained/exp1_baseline_encoder.pt"
+    encoder = make_encoder(hyperparams(8))
+    save_encoder_checkpoint(path, encoder, hyperparams(8), TRAINING)
+    raw = torch.load(path, weights_only=True)
+    assert "decoder_state_dict" not in raw and raw["weights_sha256"] == weights_sha256(raw["state_dict"])
+    ckpt = load_encoder_checkpoint(path)
+    assert ckpt.decoder_state_dict is None
+    with pytest.raises(CheckpointError, match=r"holds the encoder only .* `dvc repro -f -s pretrain@exp1_baseline`"):
+        load_autoencoder(ckpt, path)

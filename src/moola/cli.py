@@ -193,14 +193,30 @@ def period_lines(h: dict | None) -> list[str]:
     return lines
 
 
+def selection_basis(chosen: dict) -> str:
+    """' (lowest common val loss 0.00412 among 5 stable; own-mask best 0.00302)' from metrics/select.json."""
+    if "compare_on" not in chosen:  # written before select compared on a common set
+        return ""
+    own, common = chosen.get("best_val_loss"), chosen.get("common_val_loss")
+    fmt = lambda x: "-" if x is None else f"{x:.5f}"  # noqa: E731
+    if chosen["compare_on"] == "common":
+        ranked, other = f"common val loss {fmt(common)}", f"own-mask best {fmt(own)}"
+    else:
+        ranked, other = f"own-mask best val loss {fmt(own)}", f"common {fmt(common)}"
+    return f" (lowest {ranked} among {chosen.get('stable_candidates')} stable; {other})"
+
+
 def report(root: Path = Path("."), ablation: bool = True) -> str:
     """The results as a plain-text table (pretraining, selection, held-out, fine-tuning, curve, ablation).
 
     ablation=False leaves the ablation out: after a run that did not include it (the tour, the study), metrics
     files in the workspace would be another run's."""
     p = load_params(root / "params.yaml")
-    lines = ["Pretraining (validation loss = masked-step MSE on held-out windows)"]
-    lines.append(f"  {'experiment':<20} {'mask':<7} {'epochs':>6} {'best val':>10} {'final val':>10}")
+    chosen = _load(root / paths.SELECT_METRICS)
+    common = {name: c.get("common_val_loss") for name, c in ((chosen or {}).get("candidates") or {}).items()}
+    lines = ["Pretraining (validation loss = masked-step MSE on held-out windows; best and final under the "
+             "experiment's own mask, common: select's one mask set for all)"]
+    lines.append(f"  {'experiment':<20} {'mask':<7} {'epochs':>6} {'best val':>10} {'final val':>10} {'common':>10}")
     for exp in p.experiments:
         m = _load(root / paths.pretrain_metrics(exp))
         if m is None:
@@ -208,10 +224,10 @@ def report(root: Path = Path("."), ablation: bool = True) -> str:
             continue
         lines.append(
             f"  {exp:<20} {m['mask']:<7} {m['epochs_run']:>6} {m['best_val_loss']:>10.5f} {m['final_val_loss']:>10.5f}"
+            + ("" if common.get(exp) is None else f" {common[exp]:>10.5f}")
         )
-    chosen = _load(root / paths.SELECT_METRICS)
     if chosen:
-        lines.append(f"Selected encoder: {chosen.get('selected')}")
+        lines.append(f"Selected encoder: {chosen.get('selected')}" + selection_basis(chosen))
     ft = _load(root / paths.FINETUNE_METRICS)
     held = (ft or {}).get("heldout")
     lines += [""] + warning_lines(held) + heldout_lines(held) + period_lines(held)

@@ -2,10 +2,16 @@
 
 Checkpoint (`torch.save` dict, loadable with `torch.load(path, weights_only=True)`):
   {"format": "moola-encoder/1", "state_dict": <the nn.LSTM's own state_dict>, "hyperparams": {...},
-   "training": {"best_val_loss", "best_epoch", "epochs_run"}, "weights_sha256": <hex>}
+   "training": {"best_val_loss", "best_epoch", "epochs_run"}, "weights_sha256": <hex>,
+   "decoder_state_dict": <the rest of the autoencoder: mask_token, decoder.*>}
+
+`decoder_state_dict` is there when the checkpoint was saved from a BiLSTMMaskedAutoencoder (what pretraining
+writes): `select` rebuilds the whole autoencoder to score every encoder on one common masked validation set.
+Fine-tuning reads `state_dict` only. A checkpoint without it (an nn.LSTM saved alone) is still a valid one.
 
 `weights_sha256` (see `weights_sha256`) makes a checkpoint self-verifying: DVC trusts its state database for a
 cached file whose size and modification time did not change, so a flipped bit would otherwise reach fine-tuning.
+It covers the decoder's tensors too (`checksummed_tensors`); without a decoder it is the hash of `state_dict` alone.
 """
 
 from __future__ import annotations
@@ -78,6 +84,7 @@ class EncoderCheckpoint:
     state_dict: dict[str, torch.Tensor]
     hyperparams: dict[str, Any]
     training: dict[str, Any]
+    decoder_state_dict: dict[str, torch.Tensor] | None = None  # None: saved from an nn.LSTM alone
 
 
 def make_encoder(hyperparams: dict[str, Any]) -> nn.LSTM:
@@ -104,6 +111,13 @@ def weights_sha256(state_dict: dict[str, Any]) -> str:
     return sha256.hexdigest()
 
 
+def checksummed_tensors(state_dict: dict[str, Any], decoder: dict[str, Any] | None) -> dict[str, Any]:
+    """What `weights_sha256` is recorded over: the encoder's tensors, and the decoder's under a `decoder/` prefix
+    (an nn.LSTM's names have no slash, so the two never collide). Without a decoder: the encoder's alone, so a
+    checkpoint saved from an nn.LSTM hashes as before the decoder was kept."""
+    return dict(state_dict) | {f"decoder/{k}": v for k, v in (decoder or {}).items()}
+
+
 def _stage_that_writes(path: Path) -> str:
     """The DVC stage that writes a checkpoint at `path` (by the pipeline's file names), for restore advice."""
     if path.name == "encoder.pt" and path.parent.name == "selected":
@@ -115,14 +129,19 @@ def _stage_that_writes(path: Path) -> str:
 def save_encoder_checkpoint(
     path: str | Path, model: nn.Module, hyperparams: dict[str, Any], training: dict[str, Any]
 ) -> None:
-    """Write the encoder of `model` (a BiLSTMMaskedAutoencoder or an nn.LSTM) atomically, in the shared format."""
+    """Write the encoder of `model` (a BiLSTMMaskedAutoencoder or an nn.LSTM) atomically, in the shared format;
+    of an autoencoder also the rest of it (`decoder_state_dict`)."""
     encoder = model.encoder if isinstance(model, BiLSTMMaskedAutoencoder) else model
     if not isinstance(encoder, nn.LSTM):
         raise TypeError(f"expected a BiLSTMMaskedAutoencoder or an nn.LSTM, got {type(model).__name__}")
     for key in REQUIRED_HYPERPARAMS:
         if key not in hyperparams:
             raise ValueError(f"hyperparams lack '{key}'")
-    state_dict = {k: v.detach().to("cpu", torch.float32).contiguous().clone() for k, v in encoder.state_dict().items()}
+    as_saved = lambda t: t.detach().to("cpu", torch.float32).contiguous().clone()  # noqa: E731
+    state_dict = {k: as_saved(v) for k, v in encoder.state_dict().items()}
+    decoder = None
+    if isinstance(model, BiLSTMMaskedAutoencoder):
+        decoder = {k: as_saved(v) for k, v in model.state_dict().items() if not k.startswith("encoder.")}
     io.write_torch(
         path,
         {
@@ -130,8 +149,9 @@ def save_encoder_checkpoint(
             "state_dict": state_dict,
             "hyperparams": dict(hyperparams),
             "training": dict(training),
-            "weights_sha256": weights_sha256(state_dict),
-        },
+            "weights_sha256": weights_sha256(checksummed_tensors(state_dict, decoder)),
+        }
+        | ({} if decoder is None else {"decoder_state_dict": decoder}),
         what="an encoder checkpoint",
     )
 
@@ -163,6 +183,9 @@ def load_encoder_checkpoint(path: str | Path, expect_hidden: int | None = None) 
         if not isinstance(raw.get(key), kind):
             raise CheckpointError(f"{path}: field '{key}' missing or not a mapping")
     hyperparams, training, state_dict = raw["hyperparams"], raw["training"], raw["state_dict"]
+    decoder = raw.get("decoder_state_dict")
+    if decoder is not None and not isinstance(decoder, dict):
+        raise CheckpointError(f"{path}: field 'decoder_state_dict' is not a mapping")
     stage = _stage_that_writes(path)
     recorded = raw.get("weights_sha256")
     if not isinstance(recorded, str):
@@ -171,7 +194,7 @@ def load_encoder_checkpoint(path: str | Path, expect_hidden: int | None = None) 
             f"re-run the stage that writes it: `dvc repro -f -s {stage}`"
         )
     try:
-        found = weights_sha256(state_dict)
+        found = weights_sha256(checksummed_tensors(state_dict, decoder))
     except (TypeError, RuntimeError) as exc:
         raise CheckpointError(f"{path}: state_dict is not a mapping of tensors ({exc})") from None
     if found != recorded:
@@ -214,4 +237,30 @@ def load_encoder_checkpoint(path: str | Path, expect_hidden: int | None = None) 
             raise CheckpointError(
                 f"{path}: {key} has shape {found}, expected {_shape(shape)} for the architecture {arch}"
             )
-    return EncoderCheckpoint(state_dict=dict(state_dict), hyperparams=dict(hyperparams), training=dict(training))
+    return EncoderCheckpoint(state_dict=dict(state_dict), hyperparams=dict(hyperparams), training=dict(training),
+                             decoder_state_dict=None if decoder is None else dict(decoder))
+
+
+def load_autoencoder(checkpoint: EncoderCheckpoint, path: str | Path) -> BiLSTMMaskedAutoencoder:
+    """The whole masked autoencoder of a verified checkpoint (load_encoder_checkpoint), in eval mode on the CPU;
+    a CheckpointError naming `path` if the checkpoint holds no decoder or one that does not fit its encoder."""
+    decoder = checkpoint.decoder_state_dict
+    if decoder is None:
+        stage = _stage_that_writes(Path(path))
+        raise CheckpointError(
+            f"{path}: holds the encoder only (no 'decoder_state_dict': saved from an nn.LSTM, or by a moola that "
+            f"did not keep the decoder); re-run the stage that writes it: `dvc repro -f -s {stage}`"
+        )
+    hp = checkpoint.hyperparams
+    first = decoder.get("decoder.0.weight")
+    if not isinstance(first, torch.Tensor) or first.dim() != 2:
+        raise CheckpointError(f"{path}: decoder_state_dict has no 2-d 'decoder.0.weight' (expected the MLP decoder)")
+    model = BiLSTMMaskedAutoencoder(hp["input_size"], hp["hidden_size"], hp["num_layers"], int(first.shape[0]))
+    whole = {f"encoder.{k}": v for k, v in checkpoint.state_dict.items()} | dict(decoder)
+    try:
+        model.load_state_dict(whole)  # strict: every key present, none left over, every shape right
+    except RuntimeError as exc:
+        lines = str(exc).strip().splitlines()  # torch: a header line, then one line per problem
+        detail = " ".join(line.strip() for line in lines[1:3]) or lines[0]
+        raise CheckpointError(f"{path}: decoder_state_dict does not fit the encoder ({detail})") from None
+    return model.eval()

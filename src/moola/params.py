@@ -161,6 +161,10 @@ class SelectParams:
     max_val_over_train: float = _f(3.0, min=1.0)
     # When in doubt, the reference document's default.
     fallback: str = "exp1_baseline"
+    # Which validation loss ranks the stable encoders: `common` scores every encoder on one masked validation set
+    # (the validation windows, the top-level mask with pretrain's mask settings, masks from `seed`); `own` takes
+    # each experiment's best validation loss under its own mask, which favours the easiest mask to fill in.
+    compare_on: Literal["common", "own"] = "common"
 
 
 @dataclass(frozen=True)

@@ -27,12 +27,13 @@ import numpy as np
 import torch
 
 from moola.device import describe, pick_device, use_threads
-from moola.errors import ParamsError, TrainingDiverged
+from moola.errors import DataError, ParamsError, TrainingDiverged
 from moola.masking import make_mask
 from moola.models import BiLSTMMaskedAutoencoder
 from moola.numerics import Numerics, apply_cuda_settings, decide, dtype_name, probe_lstm_dtype
-from moola.params import FEATURES, PARAMS_FILE, Experiment
+from moola.params import FEATURES, PARAMS_FILE, Experiment, PretrainParams
 from moola.resume import ResumeCheckpoint, cpu_copy
+from moola.windows import Windows, read_windows
 
 NORMALISATION = "per-window min-max over the window's bars: (x - min(low)) / (max(high) - min(low))"
 
@@ -105,6 +106,25 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def read_unlabeled(path: str | Path, window: int) -> tuple[Windows, np.ndarray]:
+    """The unlabeled windows file and its validation split (prepare's chronologically last data.val_fraction),
+    checked: what pretraining validates on, and what select scores every encoder on. One-line DataErrors."""
+    windows = read_windows(path)
+    if windows.split is None:
+        raise DataError(f"{path}: no 'split' column (expected the unlabeled windows file)")
+    if windows.values.shape[1] != window:
+        raise DataError(
+            f"{path}: windows of {windows.values.shape[1]} bars, expected data.window={window} "
+            "(stale: run `dvc repro prepare`)"
+        )
+    val = windows.values[windows.split == "val"]
+    if not np.isfinite(val).all():
+        raise DataError(f"{path}: holds NaN or infinite values (expected finite normalised prices)")
+    if len(val) == 0:
+        raise DataError(f"{path}: no validation windows (raise data.val_fraction or scale.windows)")
+    return windows, val
+
+
 def _as_tensor(array) -> torch.Tensor:
     # np.array copies: the augmented file arrives memory-mapped and read-only.
     return torch.from_numpy(np.array(array, dtype=np.float32, copy=True))
@@ -152,6 +172,24 @@ class EpochMasks:
 
     def batch(self, b: int) -> torch.Tensor:
         return self.index[self.offsets[b] : self.offsets[b + 1]]
+
+
+def draw_masks(strategy: str, cfg: PretrainParams, n: int, window: int, features: int,
+               generator: torch.Generator) -> EpochMasks:
+    """n rows of masks of `strategy` with cfg's ratio, patch size and spans, cut into cfg.batch_size batches.
+
+    Drawn on the CPU from a CPU generator: the same masks whatever the device. One call for n rows draws what
+    n/batch calls of batch rows would (each strategy reads the generator row after row)."""
+    mask = make_mask(strategy, n, window, ratio=cfg.mask_ratio, generator=generator, patch_size=cfg.patch_size,
+                     block_spans=cfg.block_spans)
+    return EpochMasks.cut(mask, cfg.batch_size, features)
+
+
+def validation_masks(strategy: str, cfg: PretrainParams, n: int, window: int, features: int, seed: int) -> EpochMasks:
+    """The validation masks, drawn once from the seed alone: every epoch, and every experiment with the same mask
+    settings, scores the same hidden steps (select's common validation set is these, for the top-level mask)."""
+    generator = torch.Generator().manual_seed(_stream_seed(seed, "validation"))
+    return draw_masks(strategy, cfg, n, window, features, generator)
 
 
 def masked_mse_at(pred: torch.Tensor, target: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -222,20 +260,16 @@ def pretrain(
 
     hook = model.encoder.register_forward_hook(note_lstm_dtype)
 
-    def draw(n: int, generator: torch.Generator) -> EpochMasks:
-        # Drawn on the CPU from a CPU generator: the same masks whatever the device. One call for n rows draws
-        # what n/batch calls of batch rows would (each strategy reads the generator row after row).
-        mask = make_mask(experiment.mask, n, window, ratio=cfg.mask_ratio, generator=generator,
-                         patch_size=cfg.patch_size, block_spans=cfg.block_spans)
-        masks = EpochMasks.cut(mask, cfg.batch_size, features)
+    def on_host(masks: EpochMasks) -> EpochMasks:
         return masks.pinned() if device.type == "cuda" else masks
+
+    def draw(n: int, generator: torch.Generator) -> EpochMasks:
+        return on_host(draw_masks(experiment.mask, cfg, n, window, features, generator))
 
     # Shuffling and training masks each have their own generator, saved in the resume checkpoint.
     shuffle_gen = torch.Generator().manual_seed(_stream_seed(seed, "shuffle"))
     mask_gen = torch.Generator().manual_seed(_stream_seed(seed, "mask"))
-    # Validation masks are drawn once, from the seed alone: every epoch and every experiment with this
-    # strategy scores the same hidden steps, so their validation losses compare.
-    val_masks = draw(len(val_x), torch.Generator().manual_seed(_stream_seed(seed, "validation"))).to(device)
+    val_masks = on_host(validation_masks(experiment.mask, cfg, len(val_x), window, features, seed)).to(device)
 
     resume = ResumeCheckpoint(resume_path, fingerprint, numerics, cfg.resume_every_epochs, cfg.resume_every_seconds,
                               log)
@@ -379,6 +413,13 @@ def evaluate(model: BiLSTMMaskedAutoencoder, x: torch.Tensor, masks: EpochMasks,
         total += value * n
         count += n
     return total / count
+
+
+def masked_validation_loss(model: BiLSTMMaskedAutoencoder, val, masks: EpochMasks, batch_size: int) -> float:
+    """`evaluate` on the CPU in float32 (what pretraining computes on a CPU): select's score of every encoder on
+    the common validation set. Torch's CPU threads are the caller's to fix (moola.device.use_threads)."""
+    fp32 = {"device_type": "cpu", "dtype": torch.float32, "enabled": False}
+    return evaluate(model.to("cpu"), _as_tensor(val), masks, batch_size, fp32)
 
 
 def _bar(total: int, desc: str):

@@ -22,9 +22,9 @@ from moola.device import pick_device
 from moola.errors import DataError, ParamsError, run_main
 from moola.models import count_parameters, save_encoder_checkpoint
 from moola.params import FEATURES, PARAMS_FILE, load_params
-from moola.pretraining import PretrainResult, encoder_hyperparams, log_line, pretrain
+from moola.pretraining import PretrainResult, encoder_hyperparams, log_line, pretrain, read_unlabeled
 from moola.resume import file_digest, resume_fingerprint, resume_path_for
-from moola.windows import UNLABELED, read_windows
+from moola.windows import UNLABELED
 
 
 def runtime_path(experiment: str) -> str:
@@ -97,23 +97,12 @@ def main(argv: list[str] | None = None) -> None:
             f"stages.pretrain.foreach.{exp.name}.augment, to '{exp.train.augment}'"
         )
 
-    windows = read_windows(UNLABELED)
-    if windows.split is None:
-        raise DataError(f"{UNLABELED}: no 'split' column (expected the unlabeled windows file)")
-    if windows.values.shape[1] != p.data.window:
-        raise DataError(
-            f"{UNLABELED}: windows of {windows.values.shape[1]} bars, expected data.window={p.data.window} "
-            "(stale: run `dvc repro prepare`)"
-        )
+    windows, val = read_unlabeled(UNLABELED, p.data.window)  # select scores on the same validation split
     is_train = windows.split == "train"
     n_train = int(is_train.sum())
-    val = windows.values[windows.split == "val"]
     train = load_augmented(augmented, n_train * (1 + exp.recipe.multiplier), p.data.window, exp.train.augment)
-    for name, array in ((augmented, train), (UNLABELED, val)):
-        if not np.isfinite(array).all():
-            raise DataError(f"{name}: holds NaN or infinite values (expected finite normalised prices)")
-    if len(val) == 0:
-        raise DataError(f"{UNLABELED}: no validation windows (raise data.val_fraction or scale.windows)")
+    if not np.isfinite(train).all():
+        raise DataError(f"{augmented}: holds NaN or infinite values (expected finite normalised prices)")
 
     device = pick_device(exp.train.device)  # pretrain() sets its threads (moola.device.use_threads)
     batches = math.ceil(len(train) / exp.train.batch_size)
