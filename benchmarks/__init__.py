@@ -4,6 +4,8 @@
     python -m benchmarks --tries    # also what could move the ceiling: bf16, oneDNN, threads, OpenMP wait
                                     # policy, batch size, layout, decoding masked steps only (10-15 minutes)
     python -m benchmarks --quick    # a sanity run at tiny shapes, under a minute (tests/test_bench.py uses it)
+    python -m benchmarks.measure_precision   # fp32 against bf16 on this CPU: the loop at batch 256 and 2048,
+                                             # fine-tuning per epoch (a few minutes; metrics/bench_precision.json)
 
 Run from the repository root (it reads params.yaml). Every figure is a median over repeats after a warm-up, timed
 with time.perf_counter (accelerators synchronised before each clock read); the ceiling, the model and the real

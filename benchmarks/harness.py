@@ -28,7 +28,7 @@ class Settings:
     windows_scale: float  # of data.unlabeled_windows for prepare, augment and the DVC repository (1.0 = spec)
     data_repeats: int
     threads: int
-    precision: str  # asked for; the loop decides what runs (pretraining applies bf16 on cuda only)
+    precision: str  # asked for; the loop decides what runs (moola.numerics: bf16 on cuda, or a CPU that runs it)
     device: torch.device
     dvc: bool
     tries: bool

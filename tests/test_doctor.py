@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from moola.doctor import cuda_verdict
+from moola.doctor import cpu_bf16_advice, cuda_verdict
+from moola.numerics import probe_lstm_dtype
 from moola.throughput import REPORT_FORMAT
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,3 +69,22 @@ def test_cpu_path_prints_what_runs_and_writes_bench_json_format(tmp_path):
     assert r["doctor"]["versions"]["torch"] == torch.__version__
     assert r["doctor"]["versions"]["cublas_workspace_config"] == ":4096:8"
     assert r["share"]["workers"] == 1 and r["share"]["aggregate_samples_per_second"] > 0
+    # On a CPU: whether bf16 runs here (the decision pretraining makes), both loop rates where it does, advice.
+    c = r["doctor"]["cpu_bf16"]
+    assert c["available"] == (probe_lstm_dtype(torch.device("cpu"), torch.bfloat16)[0] == "bfloat16")
+    assert f"recommended: precision {c['recommended']}: {c['advice']}" in text
+    if c["available"]:
+        assert c["fp32"]["runs"] == t["loop"]["runs"] and len(c["bf16"]["runs"]) == r["settings"]["repeats"]
+        assert c["speedup"] == c["bf16"]["samples_per_second"] / c["fp32"]["samples_per_second"]
+        assert "bf16 on this CPU: available" in text and "x; timed in" in text
+    else:
+        assert c["recommended"] == "fp32" and "bf16 on this CPU: not available" in text
+
+
+def test_cpu_advice_recommends_bf16_only_where_it_runs_and_clearly_pays():
+    assert cpu_bf16_advice(False, None, None) == ("fp32", "bf16 does not run on this CPU: keep precision fp32 "
+                                                          "(the default)")
+    setting, line = cpu_bf16_advice(True, 500.0, 1500.0)
+    assert setting == "bf16" and "3.00x" in line and "-S pretrain.precision=bf16" in line
+    setting, line = cpu_bf16_advice(True, 500.0, 550.0)
+    assert setting == "fp32" and "only 1.10x" in line

@@ -11,6 +11,8 @@ from torch import nn
 
 from moola import finetuning
 from moola.errors import ParamsError
+from moola.numerics import Numerics, probe_lstm_dtype
+from moola.params import FinetuneParams
 
 HIDDEN = 16
 CFG = finetuning.FinetuneConfig(
@@ -164,3 +166,44 @@ def test_run_oof_predicts_every_window_once_per_seed_and_init():
         assert lift["accuracy"]["covers"] == ["out-of-fold windows (blocks of 3)", "fine-tuning seeds (2)"]
         assert f"pretrained - {other}: " in lift["verdict"] and "not over the pretraining run (1 replicate)" in (
             lift["verdict"])
+
+
+CPU = torch.device("cpu")
+REFUSAL = "could not create a primitive descriptor for the LSTM forward propagation primitive"
+
+
+def fold(cfg, init=None):
+    x, y, _ = data()
+    return finetuning.train_fold(x[:18], y[:18], x[18:], y[18:], cfg, init, seed=1)
+
+
+def test_precision_fp32_and_a_refused_bf16_keep_the_default_bytes():
+    plain = fold(CFG, encoder_state())
+    lines: list[str] = []
+    refused = finetuning.finetune_numerics(FinetuneParams(precision="bf16"), CPU, lines.append,
+                                           probe=lambda device, dtype: ("", REFUSAL))
+    assert refused.ran == "fp32" and lines == [f"fine-tuning: oneDNN refuses a bf16 LSTM on this CPU ({REFUSAL}): "
+                                               "running fp32 (the fp32 bytes)"]
+    for numerics in (finetuning.finetune_numerics(FinetuneParams(), CPU, lines.append), refused):
+        again = fold(dataclasses.replace(CFG, numerics=numerics), encoder_state())
+        assert np.array_equal(again.proba, plain.proba) and again.train_loss == plain.train_loss
+    assert len(lines) == 1  # fp32 as asked: nothing to say
+
+
+def test_bf16_with_the_lstm_outside_autocast_trains():
+    """The CUDA fallback (cuDNN would run the LSTM in float16), run on the CPU: SimpleLSTM's LSTM leaves autocast."""
+    numerics = Numerics("bf16", torch.bfloat16, False, False, "float32", False, "test")
+    run = fold(dataclasses.replace(CFG, epochs=6, freeze_epochs=0, numerics=numerics))
+    assert run.train_loss[-1] < run.train_loss[0] and np.isfinite(run.proba).all()
+
+
+@pytest.mark.skipif(probe_lstm_dtype(CPU, torch.bfloat16)[0] != "bfloat16",
+                    reason="this CPU's oneDNN does not run the LSTM in bf16 (the fallback is tested above)")
+def test_bf16_on_a_cpu_that_runs_it_trains_and_is_deterministic():
+    numerics = finetuning.finetune_numerics(FinetuneParams(precision="bf16"), CPU, lambda _: None)
+    assert (numerics.ran, numerics.lstm_dtype) == ("bf16", "bfloat16")
+    cfg = dataclasses.replace(CFG, epochs=6, freeze_epochs=0, numerics=numerics)
+    first, second = fold(cfg), fold(cfg)
+    assert first.train_loss[-1] < first.train_loss[0]
+    assert np.array_equal(first.proba, second.proba) and first.train_loss == second.train_loss
+    assert not np.array_equal(first.proba, fold(dataclasses.replace(cfg, numerics=None)).proba)

@@ -123,6 +123,7 @@ def test_reference_run_label_curve_is_well_formed_and_plotted(reference_run):
     curve = json.loads((repo / "metrics/label_curve.json").read_text())
     assert curve["heldout_windows"] == 300 and curve["pool_windows"] == 120 and curve["seeds"] == [1337]
     assert list(curve["sizes"]) == ["20", "45"] and curve["skipped_sizes"] == []
+    assert curve["precision"] == "fp32"
     for entry in curve["sizes"].values():
         for model in label_curve.MODELS:
             for metric in label_curve.CURVE_METRICS:

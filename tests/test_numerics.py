@@ -39,15 +39,51 @@ def test_fp16_is_float16_with_loss_scaling_and_fp32_is_plain():
     assert (fp32.autocast_dtype, fp32.lstm_dtype, fp32.ran, fp32.tf32) == (None, "float32", "fp32", False)
 
 
-def test_cpu_is_fp32_whatever_is_asked():
+def test_cpu_runs_bf16_only_where_the_lstm_computes_in_it_else_fp32_with_the_reason():
+    """The CPU decision with the probe's answer simulated: oneDNN's refusal (what an AVX2-only EPYC said), an LSTM
+    left in float32, and acceptance."""
     cpu = torch.device("cpu")
-    for precision in ("fp32", "bf16", "fp16"):
-        n = decide(cpu, precision, True)
+    refusal = "could not create a primitive descriptor for the LSTM forward propagation primitive"
+    refused = decide(cpu, "bf16", True, probe=answers("", refusal))
+    assert (refused.ran, refused.autocast_dtype, refused.lstm_dtype, refused.tf32) == ("fp32", None, "float32", False)
+    assert refusal in refused.note and "running fp32" in refused.note and refused.why == refused.note
+    stays = decide(cpu, "bf16", False, probe=answers("float32"))
+    assert stays.ran == "fp32" and "runs in float32" in stays.note
+    runs = decide(cpu, "bf16", False, probe=answers("bfloat16"))
+    assert (runs.ran, runs.autocast_dtype, runs.lstm_in_autocast, runs.lstm_dtype, runs.grad_scaler) == (
+        "bf16", torch.bfloat16, True, "bfloat16", False)
+    assert runs.autocast(cpu) == {"device_type": "cpu", "dtype": torch.bfloat16, "enabled": True}
+    assert runs.record()["why"] == runs.note and "differ" in runs.note
+
+
+def test_cpu_fp32_and_fp16_never_ask_the_probe_and_run_fp32():
+    cpu = torch.device("cpu")
+    for precision in ("fp32", "fp16"):
+        n = decide(cpu, precision, True, probe=answers("never asked"))
         assert (n.ran, n.lstm_dtype, n.tf32) == ("fp32", "float32", False)
         assert (n.note == "") == (precision == "fp32")
+    assert decide(cpu, "fp32", False).why == "fp32 as asked"
+    assert "applies on cuda only" in decide(cpu, "fp16", False).note
+    assert "applies on cuda and cpu only" in decide(torch.device("mps"), "bf16", False, probe=answers("x")).note
     assert probe_lstm_dtype(cpu, None) == ("float32", "")
     assert apply_cuda_settings(cpu, True, True) == {"tf32": False, "cudnn_deterministic": None}
     assert isinstance(attention_kernels(cpu, True), type(attention_kernels(cpu, False)))
+
+
+def test_this_cpu_s_real_answer_decides_and_leaves_the_random_streams_alone():
+    """For real: whatever this CPU's oneDNN does with a bf16 LSTM, the decision follows it (bf16 where it computes in
+    bfloat16, else fp32 with oneDNN's reason); the probe does not move the caller's random numbers."""
+    cpu = torch.device("cpu")
+    torch.manual_seed(3)
+    expected = torch.rand(3)
+    torch.manual_seed(3)
+    found, reason = probe_lstm_dtype(cpu, torch.bfloat16)
+    assert torch.equal(torch.rand(3), expected)
+    n = decide(cpu, "bf16", False)
+    if found == "bfloat16":
+        assert (n.ran, n.lstm_dtype, reason) == ("bf16", "bfloat16", "")
+    else:
+        assert n.ran == "fp32" and n.lstm_dtype == "float32" and (reason or found) in n.note
 
 
 def test_the_lstm_outside_autocast_computes_in_float32():

@@ -85,6 +85,7 @@ def test_top_level_mask_reaches_only_experiments_without_their_own():
         (lambda r: r["finetune"].update(bootstrap_block=True), "finetune.bootstrap_block must be a positive integer"),
         (lambda r: r["finetune"].update(folds=90), "finetune.folds (90) must not exceed data.labeled_windows (89)"),
         (lambda r: r["augment"]["recipes"]["warp12_x4"].update(multiplier=-1), "multiplier must be at least 0"),
+        (lambda r: r["finetune"].update(precision="fp16"), "finetune.precision must be one of 'fp32', 'bf16', got 'fp16'"),
     ],
 )
 def test_bad_params_are_one_line_errors_naming_the_key(edit, message):

@@ -29,6 +29,7 @@ SMALL = {"pretrain": {"hidden_size": 16, "decoder_hidden": 16, "threads": 1}}
 METRIC_KEYS = {
     "experiment", "mask", "best_val_loss", "best_epoch", "final_val_loss", "final_train_loss", "epochs_run",
     "epochs_planned", "train_samples", "val_samples", "batches_per_epoch", "parameters", "encoder_parameters",
+    "precision", "precision_asked", "lstm_dtype", "precision_why",
 }
 
 
@@ -85,6 +86,7 @@ def test_dvc_pipeline_runs_skips_and_reruns_only_what_changed(reference_run, tmp
         assert encoder["state_dict"]["weight_hh_l0_reverse"].shape == (64, 16)
         metrics = json.loads((repo / f"metrics/pretrain/{exp}.json").read_text())
         assert set(metrics) == METRIC_KEYS and metrics["mask"] == mask
+        assert (metrics["precision"], metrics["lstm_dtype"], metrics["precision_why"]) == ("fp32", "float32", "fp32 as asked")
         assert metrics["epochs_run"] == metrics["epochs_planned"] == encoder["training"]["epochs_run"]
         assert metrics["train_samples"] % 57 == 0 and metrics["val_samples"] == 14
         rows = (repo / f"plots/pretrain/{exp}.csv").read_text().splitlines()

@@ -18,8 +18,10 @@ from moola.device import pick_device
 from moola.errors import ParamsError, TrainingDiverged
 from moola.models import load_encoder_checkpoint, save_encoder_checkpoint
 from moola.params import Experiment
+from moola.numerics import probe_lstm_dtype
 from moola.pretraining import encoder_hyperparams, pretrain
 from moola.resume import resume_fingerprint
+from moola.stages.pretrain import metrics
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -281,9 +283,61 @@ def test_an_lstm_seen_in_float16_without_loss_scaling_is_refused(monkeypatch):
         pretrain(tiny_windows(64), tiny_windows(12, seed=1), tiny_experiment(epochs=1), 7, log=quiet)
 
 
-def test_bf16_runs_fp32_off_cuda(tmp_path):
+REFUSAL = "could not create a primitive descriptor for the LSTM forward propagation primitive"
+BF16_HERE = probe_lstm_dtype(torch.device("cpu"), torch.bfloat16)[0] == "bfloat16"
+
+
+def refusing_cpu(device, autocast_dtype):
+    """The probe's answer on a CPU whose oneDNN refuses a bf16 LSTM (what an AVX2-only AMD EPYC said)."""
+    return ("", REFUSAL) if autocast_dtype is not None else ("float32", "")
+
+
+def test_bf16_where_the_cpu_refuses_it_and_fp16_on_a_cpu_run_fp32_with_its_bytes(tmp_path):
     fp32 = train_and_save(tmp_path / "fp32.pt", tiny_experiment())
-    assert train_and_save(tmp_path / "bf16.pt", tiny_experiment(precision="bf16")) == fp32
+    lines: list[str] = []
+    exp = tiny_experiment(precision="bf16")
+    assert train_and_save(tmp_path / "bf16.pt", exp, probe=refusing_cpu, log=lines.append) == fp32
+    assert lines[0] == f"exp_tiny: oneDNN refuses a bf16 LSTM on this CPU ({REFUSAL}): running fp32 (the fp32 bytes)"
+    assert train_and_save(tmp_path / "fp16.pt", tiny_experiment(precision="fp16")) == fp32
+    result = pretrain(tiny_windows(64), tiny_windows(12, seed=1), exp, 7, log=quiet, probe=refusing_cpu)
+    m = metrics(result, exp)
+    assert (m["precision"], m["precision_asked"], m["lstm_dtype"]) == ("fp32", "bf16", "float32")
+    assert REFUSAL in m["precision_why"]
+
+
+@pytest.mark.skipif(BF16_HERE, reason="this CPU runs the LSTM in bf16 (its refusal is simulated above)")
+def test_bf16_on_a_cpu_that_refuses_it_for_real_runs_fp32(tmp_path):
+    lines: list[str] = []
+    fp32 = train_and_save(tmp_path / "fp32.pt", tiny_experiment())
+    assert train_and_save(tmp_path / "bf16.pt", tiny_experiment(precision="bf16"), log=lines.append) == fp32
+    assert "running fp32 (the fp32 bytes)" in lines[0]
+
+
+@pytest.mark.skipif(not BF16_HERE, reason="this CPU's oneDNN does not run the LSTM in bf16 (see the fallback tests)")
+def test_bf16_on_a_cpu_that_runs_it_trains_is_deterministic_and_resumes_exactly(tmp_path):
+    exp = tiny_experiment(epochs=3, precision="bf16")
+    lines: list[str] = []
+    runs = []
+    for name, log in (("a", lines.append), ("b", quiet)):
+        result = pretrain(tiny_windows(64), tiny_windows(12, seed=1), exp, 7, log=log)
+        save_encoder_checkpoint(tmp_path / f"{name}.pt", result.model, encoder_hyperparams(exp, 24, result.numerics),
+                                result.training)
+        runs.append(result)
+    a, b = runs
+    assert (a.precision, a.numerics["lstm_dtype"], a.numerics["autocast_dtype"]) == ("bf16", "bfloat16", "bfloat16")
+    assert lines[0].startswith("exp_tiny: bf16 on cpu: oneDNN runs the LSTM in bfloat16")
+    assert a.history[-1][1] < a.history[0][1] and a.history[-1][2] < a.history[0][2]  # it trains
+    assert (tmp_path / "a.pt").read_bytes() == (tmp_path / "b.pt").read_bytes() and a.history == b.history
+    fp32 = pretrain(tiny_windows(64), tiny_windows(12, seed=1), tiny_experiment(epochs=3), 7, log=quiet)
+    assert encoder_digest(fp32.model) != encoder_digest(a.model)  # bf16 is not fp32's bytes
+    m = metrics(a, exp)
+    assert (m["precision"], m["precision_asked"], m["lstm_dtype"]) == ("bf16", "bf16", "bfloat16")
+    two = Experiment(exp.name, exp.mask, exp.train, 2, exp.recipe)
+    resume = tmp_path / "resume.pt"
+    pretrain(tiny_windows(64), tiny_windows(12, seed=1), two, 7, log=quiet, resume_path=resume, fingerprint="f")
+    resumed = pretrain(tiny_windows(64), tiny_windows(12, seed=1), exp, 7, log=quiet, resume_path=resume,
+                       fingerprint="f")
+    assert resumed.history == a.history and encoder_digest(resumed.model) == encoder_digest(a.model)
 
 
 def test_device_choice():

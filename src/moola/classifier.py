@@ -40,9 +40,19 @@ class SimpleLSTM(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(hidden_size, num_classes)
 
+    # False: the LSTM runs in float32 with autocast off around it (moola.numerics: where cuDNN would run it in
+    # float16 under bf16 autocast), as in the pretraining model.
+    lstm_in_autocast = True
+
+    def _states(self, x: torch.Tensor) -> torch.Tensor:
+        if self.lstm_in_autocast:
+            return self.lstm(x)[0]
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return self.lstm(x.float())[0]
+
     def attended(self, x: torch.Tensor) -> torch.Tensor:
         """(batch, time, features) -> (batch, time, hidden): step t attends to steps 0..t only."""
-        states, _ = self.lstm(x)
+        states = self._states(x)
         steps = states.shape[1]
         # True above the diagonal = "may not attend": the future is masked out.
         future = torch.ones(steps, steps, dtype=torch.bool, device=x.device).triu(diagonal=1)
@@ -55,7 +65,7 @@ class SimpleLSTM(nn.Module):
         Equal to `attended(x)[:, -1]` (the last step may see every step, so it needs no mask), but queries the
         last step only: the other steps' outputs would be computed and thrown away, at 100x the cost.
         """
-        states, _ = self.lstm(x)
+        states = self._states(x)
         last = states[:, -1:]
         mixed, _ = self.attention(last, states, states, need_weights=False)
         return self.head(self.dropout(self.norm(last + mixed)[:, 0]))

@@ -325,7 +325,8 @@ def main(argv: list[str] | None = None) -> None:
     sub.add_parser("tour", help="the whole pipeline at a small scale via `dvc exp run`, then the results; "
                    "further options go to `dvc exp run` (e.g. -S mask=random)")
     sub.add_parser("study", help="the CPU study: all unlabeled windows, pretraining cut to about 45 minutes on 2 "
-                   "cores, then fine-tuning and the curve via `dvc exp run` (README \"Results\")")
+                   "cores, then fine-tuning and the curve via `dvc exp run` (README \"Results\"); on a CPU that "
+                   "runs bf16 (moola doctor says), -S pretrain.precision=bf16 pretrains faster, in other bytes")
     sub.add_parser("report", help="print the results table from the workspace's metrics")
     sub.add_parser("parallel", help="run the five pretraining experiments concurrently, then the rest "
                    "(moola parallel --help)")

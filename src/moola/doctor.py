@@ -4,6 +4,9 @@
     moola doctor --quick         # tiny shapes (the CPU test)
     moola doctor --share 5 --json metrics/bench.json
 
+On a CPU it also says whether `precision: bf16` runs there (moola.numerics decides, by running a tiny LSTM), and
+when it does, times the real loop in the other precision too and recommends a setting.
+
 Fails with one line, before anything else, when the box has an NVIDIA GPU (nvidia-smi lists one) but torch
 cannot use CUDA: `device: auto` would quietly train on the CPU (an image whose torch is too old for moola pulls
 a PyPI torch at `pip install -e .` that may not match the driver). Timings: >= 20 warm-up and >= 100 timed steps
@@ -45,6 +48,9 @@ from moola.throughput import (
 CUDA_STEPS = dict(warmup=20, steps=100, repeats=3)
 CPU_STEPS = dict(warmup=1, steps=3, repeats=2)
 QUICK = dict(warmup=1, steps=2, repeats=2, batch_size=32)
+# bf16 is recommended on a CPU only when it is clearly faster: a smaller gain is inside a 2-core box's noise and
+# does not pay for giving up fp32's bytes.
+BF16_MIN_SPEEDUP = 1.25
 
 
 def cuda_verdict(nvidia_smi_present: bool, cuda_available: bool, requested: str, torch_version: str,
@@ -125,6 +131,40 @@ def time_loop(exp, batch: int, steps: int, repeats: int, warmup: int, window: in
     warm = pretrain(train[: max(1, warmup) * batch], val, one, seed, device=device, log=quiet)
     rates = [pretrain(train, val, one, seed, device=device, log=quiet).samples_per_second for _ in range(repeats)]
     return rates, warm.numerics
+
+
+def cpu_bf16_advice(available: bool, fp32: float | None, bf16: float | None) -> tuple[str, str]:
+    """(setting, one line) for pretrain.precision on a CPU, from whether bf16 runs and the loop's two rates."""
+    if not available:
+        return "fp32", "bf16 does not run on this CPU: keep precision fp32 (the default)"
+    assert fp32 and bf16
+    speedup = bf16 / fp32
+    if speedup >= BF16_MIN_SPEEDUP:
+        return "bf16", (f"bf16 trains {speedup:.2f}x as fast here: -S pretrain.precision=bf16 for speed; fp32 "
+                        "(the default) where the weights must match another fp32 run's bytes")
+    return "fp32", (f"bf16 runs but only {speedup:.2f}x as fast (< {BF16_MIN_SPEEDUP}x): keep precision fp32 "
+                    "(the default)")
+
+
+def cpu_bf16(exp, device, asked: str, loop_rates: list[float], batch: int, steps: int, repeats: int, warmup: int,
+             window: int, seed: int) -> dict:
+    """On a CPU: does bf16 run (the decision pretraining makes), and the real loop's samples/s in fp32 and bf16.
+    The precision the loop already ran in (`asked`) reuses `loop_rates`; the other is timed the same way."""
+    bf16 = decide(device, "bf16", False)
+    out: dict = {"available": bf16.ran == "bf16", "why": bf16.why}
+    if bf16.ran == "bf16":
+        began = time.perf_counter()
+        other = "fp32" if asked == "bf16" else "bf16"
+        exp_other = dataclasses.replace(exp, train=dataclasses.replace(exp.train, precision=other))
+        rates, _ = time_loop(exp_other, batch, steps, repeats, warmup, window, device, seed)
+        runs = {asked: loop_rates, other: rates}
+        out |= {"fp32": {"samples_per_second": median(runs["fp32"]), "runs": runs["fp32"]},
+                "bf16": {"samples_per_second": median(runs["bf16"]), "runs": runs["bf16"]},
+                "speedup": median(runs["bf16"]) / median(runs["fp32"]),
+                "seconds": time.perf_counter() - began}
+    setting, line = cpu_bf16_advice(out["available"], out.get("fp32", {}).get("samples_per_second"),
+                                    out.get("bf16", {}).get("samples_per_second"))
+    return out | {"recommended": setting, "advice": line}
 
 
 def run_doctor(argv: list[str] | None = None, root: Path = Path(".")) -> dict:
@@ -210,6 +250,17 @@ def run_doctor(argv: list[str] | None = None, root: Path = Path(".")) -> dict:
         say(f"--share {share}: {sh['aggregate_samples_per_second']:,.0f} samples/s together "
             f"({sh['aggregate_vs_single']:.2f}x one alone)"
             + (f"; peak GPU memory per worker {sh['peak_memory_mib']} MiB" if sh.get("peak_memory_mib") else ""))
+    if device.type == "cpu":
+        ran = numerics.ran if numerics.ran in ("fp32", "bf16") else "fp32"
+        c = cpu_bf16(exp, device, ran, loop_rates, batch, steps, repeats, warmup, window, p.seed)
+        report["doctor"]["cpu_bf16"] = c
+        if c["available"]:
+            say(f"bf16 on this CPU: available (oneDNN runs the LSTM in bfloat16); real loop at batch {batch}: "
+                f"fp32 {c['fp32']['samples_per_second']:,.0f}, bf16 {c['bf16']['samples_per_second']:,.0f} "
+                f"samples/s ({c['speedup']:.2f}x; timed in {c['seconds']:.1f} s)")
+        else:
+            say(f"bf16 on this CPU: not available ({c['why']})")
+        say(f"recommended: precision {c['recommended']}: {c['advice']}")
     report["seconds"] = time.perf_counter() - began
     out = Path(args.json) if Path(args.json).is_absolute() else root / args.json
     io.write_json(out, report)

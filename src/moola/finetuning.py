@@ -23,7 +23,7 @@ from moola import evaluation
 from moola.classifier import SimpleLSTM, load_forward_weights
 from moola.device import pick_device, use_threads
 from moola.errors import DataError, ParamsError
-from moola.numerics import apply_cuda_settings
+from moola.numerics import Numerics, apply_cuda_settings, decide, probe_lstm_dtype
 from moola.params import CLASS_NAMES, PARAMS_FILE, FinetuneParams, Params
 from moola.windows import overlapping
 
@@ -51,9 +51,11 @@ class FinetuneConfig:
     dropout: float
     grad_clip: float
     class_weighted: bool
+    # finetune.precision as decided on the run's device (finetune_numerics); None: fp32, no autocast.
+    numerics: Numerics | None = None
 
     @classmethod
-    def from_params(cls, p: Params) -> "FinetuneConfig":
+    def from_params(cls, p: Params, numerics: Numerics | None = None) -> "FinetuneConfig":
         ft = p.finetune
         return cls(
             epochs=p.finetune_epochs,
@@ -67,6 +69,7 @@ class FinetuneConfig:
             dropout=ft.dropout,
             grad_clip=ft.grad_clip,
             class_weighted=ft.class_weighted,
+            numerics=numerics,
         )
 
 
@@ -77,6 +80,16 @@ def finetune_device(ft: FinetuneParams) -> torch.device:
     use_threads(device, ft.threads)
     apply_cuda_settings(device, ft.tf32, ft.deterministic)
     return device
+
+
+def finetune_numerics(ft: FinetuneParams, device: torch.device, log: Callable[[str], None] = print,
+                      probe=probe_lstm_dtype) -> Numerics:
+    """finetune.precision on `device`, decided as pretraining decides pretrain.precision (moola.numerics.decide:
+    a tiny LSTM run under autocast; a test may fake `probe`); logs why when what runs is not simply what was asked."""
+    numerics = decide(device, ft.precision, ft.tf32, probe)
+    if numerics.note:
+        log(f"fine-tuning: {numerics.note}")
+    return numerics
 
 
 @dataclass
@@ -245,6 +258,8 @@ def train_fold(
     else:
         freeze_epochs, encoder_lr = 0, cfg.learning_rate
     model.to(device)
+    autocast = cfg.numerics.autocast(device) if cfg.numerics else {"device_type": device.type, "enabled": False}
+    model.lstm_in_autocast = cfg.numerics.lstm_in_autocast if cfg.numerics else True
     encoder_params = list(model.lstm.parameters())
     encoder_ids = {id(p) for p in encoder_params}
     other_params = [p for p in model.parameters() if id(p) not in encoder_ids]
@@ -272,7 +287,8 @@ def train_fold(
         for batch in torch.randperm(len(xs), generator=order_rng).split(cfg.batch_size):
             batch = batch.to(device)
             optimizer.zero_grad(set_to_none=True)
-            loss = train_objective(model(xs[batch]), ys[batch])
+            with torch.autocast(**autocast):  # finetune.precision bf16: the step's arithmetic, not the weights'
+                loss = train_objective(model(xs[batch]).float(), ys[batch])
             loss.backward()
             nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], cfg.grad_clip)
             optimizer.step()

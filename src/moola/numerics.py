@@ -7,6 +7,13 @@ and hidden state to float16 whatever dtype autocast was given (aten/src/ATen/cud
 float16 without loss scaling flushes the encoder's ~1e-7 gradients to zero, so `precision: bf16` never runs the
 LSTM in float16: where autocast would, the LSTM runs in float32 outside autocast (the decoder keeps bf16).
 `precision: fp16` is float16 on purpose, with torch.amp.GradScaler.
+
+On a CPU, `precision: bf16` is decided the same way: the probe runs a tiny LSTM forward and backward under bf16
+autocast. oneDNN builds a bf16 LSTM on some CPUs and not on others (measured: it refused on an AVX2-only AMD EPYC,
+"could not create a primitive descriptor for the LSTM forward propagation primitive"; it accepted on an Intel Xeon
+with AVX512-BF16 and AMX and on an AMD EPYC Zen 5 with AVX512-BF16). Where it accepts, the whole step runs under
+autocast; where it refuses (or the LSTM would not compute in bfloat16), the run is plain fp32, with the fp32
+bytes, and says why. fp16 and mps stay fp32.
 """
 
 from __future__ import annotations
@@ -38,14 +45,18 @@ def set_cublas_workspace(environ=os.environ) -> str:
 def probe_lstm_dtype(device: torch.device, autocast_dtype: torch.dtype | None, input_size: int = 4) -> tuple[str, str]:
     """(dtype name, "") of a bidirectional LSTM's output under autocast(autocast_dtype) on `device`.
 
-    ("", reason) when the LSTM refuses to run so (oneDNN's CPU LSTM refuses bf16 on CPUs without AVX512-BF16).
+    ("", reason) when the LSTM refuses to run so, forward or backward (oneDNN's CPU LSTM refuses bf16 on some
+    CPUs: module docstring). Its own generator: the caller's random streams are not touched.
     """
-    lstm = nn.LSTM(input_size, 8, batch_first=True, bidirectional=True).to(device)
-    x = torch.rand(2, 5, input_size, device=device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        lstm = nn.LSTM(input_size, 8, batch_first=True, bidirectional=True).to(device)
+        x = torch.rand(2, 5, input_size).to(device)
     try:
         with torch.autocast(device_type=device.type, dtype=autocast_dtype or torch.float32,
                             enabled=autocast_dtype is not None):
             out, _ = lstm(x)
+        out.float().sum().backward()
     except RuntimeError as exc:
         return "", str(exc).strip().splitlines()[0][:160]
     return dtype_name(out.dtype), ""
@@ -62,7 +73,12 @@ class Numerics:
     grad_scaler: bool  # fp16: loss scaling (GradScaler; unscale_ before clipping)
     lstm_dtype: str  # what the LSTM computes in: float32 | bfloat16 | float16
     tf32: bool  # float32 matmuls and cuDNN LSTM allowed to use TF32 (CUDA only)
-    note: str = ""  # why what runs differs from what was asked, if it does
+    note: str = ""  # why what runs differs from what was asked, if it does (and for bf16 on a CPU, what it means)
+
+    @property
+    def why(self) -> str:
+        """One line for the records: the note, or that the precision asked is what ran."""
+        return self.note or f"{self.precision} as asked"
 
     @property
     def ran(self) -> str:
@@ -78,6 +94,7 @@ class Numerics:
         rec = {k: v for k, v in asdict(self).items() if k != "autocast_dtype"}
         rec["autocast_dtype"] = dtype_name(self.autocast_dtype) if self.autocast_dtype else None
         rec["ran"] = self.ran
+        rec["why"] = self.why
         return rec
 
 
@@ -86,9 +103,12 @@ def decide(device: torch.device, precision: str, tf32: bool, probe=probe_lstm_dt
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     tf32 = tf32 and device.type == "cuda"
+    if precision == "bf16" and device.type == "cpu":
+        return _decide_cpu_bf16(device, probe)
     if precision == "fp32" or device.type != "cuda":
-        # CPU runs promise fp32 bytes (and oneDNN's CPU LSTM refuses bf16 on many CPUs): autocast is CUDA only.
-        note = "" if precision == "fp32" else f"precision {precision} applies on cuda only; running fp32 on {device.type}"
+        # fp16 without CUDA's loss-scaled path, and anything on mps: fp32, the bytes the project promises.
+        where = "cuda and cpu" if precision == "bf16" else "cuda"
+        note = "" if precision == "fp32" else f"precision {precision} applies on {where} only; running fp32 on {device.type}"
         return Numerics(precision, None, True, False, "float32", tf32, note)
     dtype = AUTOCAST_DTYPES[precision]
     found, reason = probe(device, dtype)
@@ -102,6 +122,20 @@ def decide(device: torch.device, precision: str, tf32: bool, probe=probe_lstm_dt
         f"{why}: the LSTM runs in float32 outside autocast, the rest in bf16 (precision fp16 runs it in "
         "float16 with loss scaling)",
     )
+
+
+def _decide_cpu_bf16(device: torch.device, probe) -> Numerics:
+    """bf16 on a CPU: all of the step under autocast where the probe's LSTM computed in bfloat16, else plain fp32
+    (not the CUDA fallback of an fp32 LSTM inside bf16 autocast: on a CPU the LSTM is the cost, and fp32 keeps
+    the fp32 bytes)."""
+    found, reason = probe(device, torch.bfloat16)
+    if found == "bfloat16":
+        return Numerics("bf16", torch.bfloat16, True, False, "bfloat16", False,
+                        "bf16 on cpu: oneDNN runs the LSTM in bfloat16 on this CPU (probed); the weights differ from "
+                        "an fp32 run's and may differ on another CPU type")
+    why = f"oneDNN refuses a bf16 LSTM on this CPU ({reason})" if not found else (
+        f"under bf16 autocast the LSTM runs in {found} on this CPU")
+    return Numerics("bf16", None, True, False, "float32", False, f"{why}: running fp32 (the fp32 bytes)")
 
 
 def apply_cuda_settings(device: torch.device, tf32: bool, deterministic: bool) -> dict:

@@ -120,8 +120,9 @@ class PretrainParams:
     # 0 switches early stopping off: the spec's epochs are what runs.
     early_stopping_patience: int = _f(0, min=0)
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
-    # fp32 | bf16 (autocast; the LSTM runs bf16 only where cuDNN really does, else fp32 outside autocast) |
-    # fp16 (autocast float16 with loss scaling). CUDA only: a CPU run is fp32 (moola.numerics).
+    # fp32 | bf16 (autocast; the LSTM runs bf16 only where cuDNN really does, else fp32 outside autocast; on a CPU
+    # bf16 where oneDNN runs the LSTM in bf16, else fp32) | fp16 (autocast float16 with loss scaling, CUDA only).
+    # moola.numerics decides by running a tiny LSTM. fp32 is the byte promise; bf16 differs by CPU type.
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     # Let float32 matmuls and cuDNN's LSTM use TF32 on Ampere and newer (CUDA only). false = full fp32, what the
     # spec's numbers assume.
@@ -187,6 +188,9 @@ class FinetuneParams:
     # CUDA: deterministic cuDNN and the math SDPA kernel for the attention; TF32 as in pretrain.tf32.
     deterministic: bool = True
     tf32: bool = False
+    # fp32 | bf16: the training steps (forward and loss) under bf16 autocast where pretrain.precision's decision
+    # (moola.numerics) says the LSTM runs in bf16; predictions stay fp32. No fp16: fine-tuning has no loss scaling.
+    precision: Literal["fp32", "bf16"] = "fp32"
     # Bootstrap resamples for the confidence intervals (metrics and lifts).
     bootstrap: int = _f(2000, positive=True)
     # Out-of-fold folds: stratified (shuffled by seed; the reference protocol) | purged (time-ordered, training

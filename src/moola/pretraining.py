@@ -55,7 +55,7 @@ class PretrainResult:
     val_samples: int
     batches_per_epoch: int
     device: str
-    precision: str  # what ran: fp32, or bf16 / fp16 (autocast) on cuda only
+    precision: str  # what ran: fp32, bf16 (autocast, cuda or a CPU whose oneDNN runs the LSTM in bf16), fp16 (cuda)
     numerics: dict  # moola.numerics.Numerics.record() plus the LSTM output dtype seen in the first step
     seconds: float  # training time spent in this process (not counting epochs restored from a checkpoint)
     samples_per_second: float

@@ -91,7 +91,8 @@ def run(p: Params, encoder: Path, ablation: str | None) -> None:
     cv = finetuning.cv_report(ft.cv, splitter(labeled.label, ft.folds, ft.seeds[0]), p.data.embargo)
     print(f"out-of-fold folds: {cv['description']}", flush=True)
     checkpoint = load_encoder_checkpoint(encoder, expect_hidden=ft.hidden_size)
-    cfg = finetuning.FinetuneConfig.from_params(p)
+    numerics = finetuning.finetune_numerics(ft, device)
+    cfg = finetuning.FinetuneConfig.from_params(p, numerics)
     inits = ("pretrained",) if ablation else ALL_INITS
     # The ablation compares encoders, which is a choice: it gets no held-out numbers, so no choice can use them.
     test = None if ablation else read_windows(TEST)
@@ -114,7 +115,8 @@ def run(p: Params, encoder: Path, ablation: str | None) -> None:
         )
     summary = finetuning.summary_report(result.predictions, inits)
     common = {"windows": len(labeled), "class_counts": counts, "folds": ft.folds, "seeds": list(ft.seeds),
-              "epochs": cfg.epochs, "freeze_epochs": cfg.freeze_epochs, "cv": cv}
+              "epochs": cfg.epochs, "freeze_epochs": cfg.freeze_epochs, "cv": cv,
+              "precision": numerics.ran, "precision_why": numerics.why}
     if ablation is not None:
         io.write_json(ablation_metrics_path(ablation), {
             "experiment": ablation,

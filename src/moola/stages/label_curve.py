@@ -16,7 +16,7 @@ import pandas as pd
 from moola import io, label_curve, paths
 from moola.device import describe
 from moola.errors import DataError, run_main
-from moola.finetuning import FinetuneConfig, finetune_device
+from moola.finetuning import FinetuneConfig, finetune_device, finetune_numerics
 from moola.models import load_encoder_checkpoint
 from moola.numerics import attention_kernels
 from moola.params import Params, load_params
@@ -42,7 +42,8 @@ def run(p: Params) -> None:
         return
     device = finetune_device(ft)
     checkpoint = load_encoder_checkpoint(SELECTED_ENCODER, expect_hidden=ft.hidden_size)
-    cfg = FinetuneConfig.from_params(p)
+    numerics = finetune_numerics(ft, device)
+    cfg = FinetuneConfig.from_params(p, numerics)
     print(f"label pool {len(pool)} windows, held-out {len(test)}; sizes {c.sizes} x seeds {c.seeds}; "
           f"{cfg.epochs} epochs ({cfg.freeze_epochs} frozen); device {describe(device)}", flush=True)
     with attention_kernels(device, ft.deterministic):
@@ -58,6 +59,7 @@ def run(p: Params) -> None:
         "pool_windows": len(pool),
         "seeds": list(c.seeds),
         "epochs": cfg.epochs,
+        "precision": numerics.ran,
         "interval": f"95% percentile hierarchical bootstrap ({ft.bootstrap} resamples) of the mean over seeds; "
                     "seed_min/seed_max: the seeds' range",
         "covers": first.get("covers", []),

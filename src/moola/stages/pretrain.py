@@ -72,6 +72,11 @@ def metrics(result: PretrainResult, experiment) -> dict:
         "batches_per_epoch": result.batches_per_epoch,
         "parameters": count_parameters(result.model),
         "encoder_parameters": count_parameters(result.model.encoder),
+        # What really ran and why (moola.numerics): bf16 asked may run fp32 where the LSTM refuses it.
+        "precision": result.precision,
+        "precision_asked": experiment.train.precision,
+        "lstm_dtype": result.numerics["lstm_dtype"],
+        "precision_why": result.numerics["why"],
     }
 
 
@@ -149,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
     resume.unlink(missing_ok=True)
     log_line(
         f"{exp.name}: best val loss {result.best_val_loss:.6f} at epoch {result.best_epoch} of "
-        f"{result.epochs_run} on {result.device}; wrote {paths.encoder(exp.name)} "
+        f"{result.epochs_run} on {result.device} in {result.precision}; wrote {paths.encoder(exp.name)} "
         f"({Path(paths.encoder(exp.name)).stat().st_size:,} bytes)"
     )
 
