@@ -16,6 +16,7 @@ import shutil
 import pytest
 
 from conftest import run
+from moola import figures
 from moola.params import CLASS_NAMES, load_params
 
 pytest_plugins = ["pipeline_runs"]
@@ -130,3 +131,16 @@ def test_mask_override_reruns_only_what_follows_the_top_level_mask(toured):
         assert metrics["metrics/pretrain/exp4_block_mask.json"]["data"]["mask"] == "block", entry["rev"]
     for entry in (workspace, new):
         assert entry["data"]["metrics"]["metrics/pretrain/exp1_baseline.json"]["data"] == exp1
+    # `dvc plots diff`: every plot draws both runs (the tour's commit and the experiment in the workspace), and
+    # its picture tells them apart: the legend or the facet headers name both revisions.
+    plots = json.loads(run(["dvc", "plots", "diff", "HEAD", "--json"], repo).stdout)
+    assert not plots.get("errors") and len(plots["data"]) == 7
+    for name, entries in plots["data"].items():
+        spec = entries[0]["content"]
+        assert {v["rev"] for v in spec["data"]["values"]} == {"HEAD", "workspace"}, name
+        picture = figures.render(spec, "svg").decode()
+        assert ">HEAD<" in picture and ">workspace<" in picture, name
+    loss = next(entries[0]["content"] for name, entries in plots["data"].items() if name.startswith("Pretraining val"))
+    exp1 = {rev: [v["val_loss"] for v in loss["data"]["values"] if v["rev"] == rev and v["filename"] ==
+                  "exp1_baseline.csv"] for rev in ("HEAD", "workspace")}
+    assert exp1["HEAD"] != exp1["workspace"]  # re-trained with the random mask

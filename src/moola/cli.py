@@ -5,6 +5,7 @@
     moola report     print the results table from the metrics files in the workspace
     moola parallel   the five pretraining experiments concurrently, then the rest (see moola.parallel)
     moola doctor     a GPU box's first command: versions, the LSTM's real dtype, TF32, bare LSTM vs the loop
+    moola figures    every plot of `dvc plots show` as PNG or SVG files, offline (see moola.figures)
 """
 
 from __future__ import annotations
@@ -196,11 +197,17 @@ def main(argv: list[str] | None = None) -> None:
                    "(moola parallel --help)")
     sub.add_parser("doctor", help="a GPU box's first command: will training use the GPU, in what precision, how "
                    "fast (moola doctor --help)")
+    sub.add_parser("figures", help="every plot of `dvc plots show` as PNG/SVG files in a folder, rendered offline "
+                   "(moola figures --help)")
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["parallel"]:
         from moola import parallel
 
         return parallel.main(argv[1:])
+    if argv[:1] == ["figures"]:
+        from moola import figures
+
+        return figures.main(argv[1:])
     if argv[:1] == ["doctor"]:
         from moola import doctor
 

@@ -35,7 +35,8 @@ SELECT_METRICS = "metrics/select.json"
 OOF_PREDICTIONS = "data/finetune/oof_predictions.parquet"
 FINETUNE_METRICS = "metrics/finetune.json"
 FINETUNE_CURVES = "plots/finetune/curves.csv"
-confusion = "plots/finetune/confusion_{}.csv".format
+confusion = "plots/finetune/confusion_{}.csv".format  # out of fold, first seed
+HELDOUT_CONFUSION = "plots/finetune/heldout_confusion.csv"  # every model's held-out counts
 
 # finetune_ablation@<experiment>
 ablation_metrics = "metrics/ablation/{}.json".format

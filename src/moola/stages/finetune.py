@@ -29,6 +29,7 @@ SELECTED_ENCODER = Path(paths.SELECTED_ENCODER)
 OOF_PREDICTIONS = Path(paths.OOF_PREDICTIONS)
 FINETUNE_METRICS = Path(paths.FINETUNE_METRICS)
 CONFUSION = {init: Path(paths.confusion(init)) for init in finetuning.NETWORK_INITS}
+HELDOUT_CONFUSION = Path(paths.HELDOUT_CONFUSION)
 CURVES = Path(paths.FINETUNE_CURVES)
 ALL_INITS = finetuning.NETWORK_INITS + finetuning.REFERENCE_INITS
 
@@ -50,6 +51,21 @@ def confusion_csv(predictions: pd.DataFrame, init: str, seed: int) -> str:
     rows = predictions[(predictions["init"] == init) & (predictions["seed"] == seed)]
     names = np.array(CLASS_NAMES)
     frame = pd.DataFrame({"actual": names[rows["label"].to_numpy()], "predicted": names[rows["prediction"].to_numpy()]})
+    return frame.to_csv(index=False, lineterminator="\n")
+
+
+def heldout_confusion_csv(labels: np.ndarray, proba: dict[str, np.ndarray]) -> str:
+    """Per model, actual and predicted class and how many held-out windows fall in that cell (every cell, zeros
+    included): the held-out confusion matrices, small enough to plot (`dvc plots show`)."""
+    labels = np.asarray(labels, dtype=np.int64)
+    rows = []
+    for model, p in proba.items():
+        predicted = np.asarray(p).argmax(axis=1)
+        for actual, actual_name in enumerate(CLASS_NAMES):
+            for guess, guess_name in enumerate(CLASS_NAMES):
+                rows.append({"model": model, "actual": actual_name, "predicted": guess_name,
+                             "windows": int(np.sum((labels == actual) & (predicted == guess)))})
+    frame = pd.DataFrame(rows, columns=["model", "actual", "predicted", "windows"])
     return frame.to_csv(index=False, lineterminator="\n")
 
 
@@ -125,6 +141,7 @@ def run(p: Params, encoder: Path, ablation: str | None) -> None:
     io.write_parquet(OOF_PREDICTIONS, result.predictions)
     for init, path in CONFUSION.items():
         io.write_text(path, confusion_csv(result.predictions, init, ft.seeds[0]))
+    io.write_text(HELDOUT_CONFUSION, heldout_confusion_csv(test.label if result.heldout else [], result.heldout))
     io.write_text(CURVES, result.curves.to_csv(index=False, float_format="%.6f", lineterminator="\n"))
     io.write_json(FINETUNE_METRICS, report)
     print(f"wrote {FINETUNE_METRICS}, {OOF_PREDICTIONS}", flush=True)
