@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from moola import io
-from moola.errors import DataError, ParamsError, run_main
+from moola.errors import DataError, MoolaError, run_main
 
 FORMATS = ("png", "svg")
 
@@ -62,7 +62,7 @@ def write_figures(out_dir: Path, formats: list[str], revs: list[str], cwd: Path 
     try:
         import vl_convert  # noqa: F401
     except ImportError as exc:
-        raise ParamsError("moola figures needs vl-convert-python: pip install -e \".[figures]\"") from exc
+        raise MoolaError("moola figures needs vl-convert-python: pip install -e \".[figures]\"") from exc
     specs, missing = plot_specs(revs, cwd)
     for name, why in missing.items():
         print(f"skipped '{name}': {why}", file=sys.stderr, flush=True)
