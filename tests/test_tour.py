@@ -144,3 +144,9 @@ def test_mask_override_reruns_only_what_follows_the_top_level_mask(toured):
     exp1 = {rev: [v["val_loss"] for v in loss["data"]["values"] if v["rev"] == rev and v["filename"] ==
                   "exp1_baseline.csv"] for rev in ("HEAD", "workspace")}
     assert exp1["HEAD"] != exp1["workspace"]  # re-trained with the random mask
+    # `moola figures --rev HEAD` draws the same diff to files (one SVG per plot, both revisions named in each).
+    out = repo.parent / "figures"
+    run(["python", "-m", "moola.cli", "figures", str(out), "--rev", "HEAD", "--format", "svg"], repo)
+    assert sorted(p.stem for p in out.iterdir()) == sorted(figures.file_stem(name) for name in plots["data"])
+    for path in out.iterdir():
+        assert ">HEAD<" in path.read_text() and ">workspace<" in path.read_text(), path.name
