@@ -89,8 +89,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--format", dest="formats", action="append", choices=FORMATS,
                         help="png or svg (repeat for both; default png)")
     parser.add_argument("--rev", dest="revs", action="append", default=[], metavar="REV",
-                        help="draw `dvc plots diff` of these revisions (git revisions or experiment names) "
-                             "instead of the workspace; repeat for more")
+                        help="draw `dvc plots diff` of these revisions (git revisions or experiment names; "
+                             "one REV: that revision against the workspace); repeat for more")
     args = parser.parse_args(argv)
     run_main(lambda: write_figures(args.out_dir, args.formats or ["png"], args.revs))
 
