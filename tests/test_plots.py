@@ -120,7 +120,7 @@ def test_heldout_confusion_counts_every_models_windows(reference_run, shown, svg
     spec = by_title(shown, HELDOUT_CONFUSION)
     table = pd.DataFrame(spec["data"]["values"]).astype({"windows": int})
     heldout = json.loads((reference_run.repo / "metrics/finetune.json").read_text())["heldout"]
-    assert set(table["model"]) == {"pretrained", "scratch", "logreg", "majority"}
+    assert set(table["model"]) == set(finetuning.NETWORK_INITS + finetuning.REFERENCE_INITS)
     for model, cells in table.groupby("model"):
         assert len(cells) == 4 and cells["windows"].sum() == heldout["windows"] == 300, model
         right = cells.loc[cells["actual"] == cells["predicted"], "windows"].sum()
