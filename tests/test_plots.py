@@ -176,3 +176,21 @@ def test_moola_figures_refuses_a_folder_without_plots_in_one_line(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: dvc plots show gave no plot with data")
     assert not (tmp_path / "out").exists()
+
+
+def test_moola_figures_skips_a_plot_without_data_and_names_its_file(tmp_path):
+    repo = tmp_path / "repo"
+    (repo / "plots").mkdir(parents=True)
+    run(["git", "init", "-q"], repo)
+    run(["dvc", "init", "-q"], repo)
+    (repo / ".dvc" / "plots").mkdir(exist_ok=True)
+    (repo / ".dvc" / "plots" / "experiments.json").write_text((ROOT / ".dvc/plots/experiments.json").read_text())
+    pd.DataFrame({"epoch": [1, 2, 3], "val_loss": [0.5, 0.3, 0.2]}).to_csv(repo / "plots/exp_a.csv", index=False)
+    plot = {"template": "experiments", "x": "epoch"}
+    (repo / "dvc.yaml").write_text(yaml.safe_dump({"plots": [
+        {"Drawn": {**plot, "y": {"plots/exp_a.csv": "val_loss"}}},
+        {"Not run": {**plot, "y": {"plots/exp_b.csv": "val_loss"}}},
+    ]}))
+    proc = run(["python", "-m", "moola.cli", "figures", str(tmp_path / "out")], repo)
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["drawn.png"]
+    assert "skipped 'Not run': plots/exp_b.csv: " in proc.stderr and "No such file" in proc.stderr

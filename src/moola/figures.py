@@ -36,10 +36,12 @@ def plot_specs(revs: list[str], cwd: Path = Path(".")) -> tuple[dict[str, dict],
         content = next((e.get("content") for e in entries if e.get("type") == "vega" and e.get("content")), None)
         if content and content.get("data", {}).get("values"):
             specs[name] = content
-    missing = {}
-    for name, errors in (shown.get("errors") or {}).items():
+    missing: dict[str, str] = {name: "no data" for name in shown.get("data") or {} if name not in specs}
+    for error in shown.get("errors") or []:  # each: name (a plot's, or none), rev, source, type, msg
+        name = error.get("name") or f"revision {error.get('rev')}"
+        why = f"{error.get('source') or error.get('rev')}: {error.get('msg') or error.get('type')}"
         if name not in specs:
-            missing[name] = "; ".join(str(e.get("msg") or e.get("type") or e) for e in errors) or "no data"
+            missing[name] = why if missing.get(name, "no data") == "no data" else f"{missing[name]}; {why}"
     return specs, missing
 
 
