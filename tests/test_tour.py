@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from conftest import run
-from moola import paths
+from moola import figures, paths
 from moola.params import CLASS_NAMES, load_params
 
 pytest_plugins = ["pipeline_runs"]
@@ -173,3 +173,22 @@ def test_mask_override_reruns_only_what_follows_the_top_level_mask(toured):
     table = run(["dvc", "exp", "show", "--no-pager", *EXP_SHOW_RECIPE], repo, env={"COLUMNS": "240"}).stdout
     assert "…" not in table and "lift_acc" in table and "random" in table, table
     assert max(map(len, table.splitlines())) <= 240
+    # `dvc plots diff`: every plot draws both runs (the tour's commit and the experiment in the workspace), and
+    # its picture tells them apart: the legend or the facet headers name both revisions.
+    plots = json.loads(run(["dvc", "plots", "diff", "HEAD", "--json"], repo).stdout)
+    assert not plots.get("errors") and len(plots["data"]) == 7
+    for name, entries in plots["data"].items():
+        spec = entries[0]["content"]
+        assert {v["rev"] for v in spec["data"]["values"]} == {"HEAD", "workspace"}, name
+        picture = figures.render(spec, "svg").decode()
+        assert ">HEAD<" in picture and ">workspace<" in picture, name
+    loss = next(entries[0]["content"] for name, entries in plots["data"].items() if name.startswith("Pretraining val"))
+    exp1 = {rev: [v["val_loss"] for v in loss["data"]["values"] if v["rev"] == rev and v["filename"] ==
+                  "exp1_baseline.csv"] for rev in ("HEAD", "workspace")}
+    assert exp1["HEAD"] != exp1["workspace"]  # re-trained with the random mask
+    # `moola figures --rev HEAD` draws the same diff to files (one SVG per plot, both revisions named in each).
+    out = repo.parent / "figures"
+    run(["python", "-m", "moola.cli", "figures", str(out), "--rev", "HEAD", "--format", "svg"], repo)
+    assert sorted(p.stem for p in out.iterdir()) == sorted(figures.file_stem(name) for name in plots["data"])
+    for path in out.iterdir():
+        assert ">HEAD<" in path.read_text() and ">workspace<" in path.read_text(), path.name

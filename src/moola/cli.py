@@ -6,6 +6,7 @@
     moola parallel   the five pretraining experiments concurrently, then the rest (see moola.parallel)
     moola doctor     a GPU box's first command: versions, the LSTM's real dtype, TF32, bare LSTM vs the loop
     moola unlock     after a killed `dvc repro`: remove DVC's stage locks (.dvc/tmp/rwlock) of processes that are gone
+    moola figures    every plot of `dvc plots show` as PNG or SVG files, offline (see moola.figures)
 
 `moola report`, `tour` and `study` validate the whole params.yaml first: DVC itself never looks at a key that no
 stage reads.
@@ -334,11 +335,17 @@ def main(argv: list[str] | None = None) -> None:
                    "fast (moola doctor --help)")
     sub.add_parser("unlock", help="after a killed `dvc repro` that DVC calls busy: remove the stage locks "
                    "(.dvc/tmp/rwlock) of processes that are gone")
+    sub.add_parser("figures", help="every plot of `dvc plots show` as PNG/SVG files in a folder, rendered offline "
+                   "(moola figures --help)")
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["parallel"]:
         from moola import parallel
 
         return parallel.main(argv[1:])
+    if argv[:1] == ["figures"]:
+        from moola import figures
+
+        return figures.main(argv[1:])
     if argv[:1] == ["doctor"]:
         from moola import doctor
 

@@ -31,6 +31,7 @@ OOF_PREDICTIONS = Path(paths.OOF_PREDICTIONS)
 FINETUNE_METRICS = Path(paths.FINETUNE_METRICS)
 ANSWER = Path(paths.ANSWER)
 CONFUSION = {init: Path(paths.confusion(init)) for init in finetuning.NETWORK_INITS}
+HELDOUT_CONFUSION = Path(paths.HELDOUT_CONFUSION)
 CURVES = Path(paths.FINETUNE_CURVES)
 LIFT_PER_SEED = Path(paths.FINETUNE_LIFT_PER_SEED)
 ALL_INITS = finetuning.NETWORK_INITS + finetuning.REFERENCE_INITS
@@ -73,6 +74,21 @@ def heldout_extras(p: Params, starts: np.ndarray, labels: np.ndarray, predicted:
 def criteria_scored(windows: int) -> str:
     """What `criteria` are measured on, said next to them (the README's held-out numbers are another set)."""
     return f"out of fold: the mean over seeds of each seed's metrics on the {windows} labeled windows"
+
+
+def heldout_confusion_csv(labels: np.ndarray, proba: dict[str, np.ndarray]) -> str:
+    """Per model, actual and predicted class and how many held-out windows fall in that cell (every cell, zeros
+    included): the held-out confusion matrices, small enough to plot (`dvc plots show`)."""
+    labels = np.asarray(labels, dtype=np.int64)
+    rows = []
+    for model, p in proba.items():
+        predicted = np.asarray(p).argmax(axis=1)
+        for actual, actual_name in enumerate(CLASS_NAMES):
+            for guess, guess_name in enumerate(CLASS_NAMES):
+                rows.append({"model": model, "actual": actual_name, "predicted": guess_name,
+                             "windows": int(np.sum((labels == actual) & (predicted == guess)))})
+    frame = pd.DataFrame(rows, columns=["model", "actual", "predicted", "windows"])
+    return frame.to_csv(index=False, lineterminator="\n")
 
 
 def run(p: Params, encoder: Path, ablation: str | None) -> None:
@@ -166,6 +182,9 @@ def run(p: Params, encoder: Path, ablation: str | None) -> None:
         io.write_parquet(OOF_PREDICTIONS, result.predictions)
         for init, path in CONFUSION.items():
             io.write_text(path, confusion_csv(result.predictions, init, ft.seeds[0]))
+        # Each model's ensemble (every fold model of every seed) on the held-out windows, as counts per cell.
+        io.write_text(HELDOUT_CONFUSION, heldout_confusion_csv(
+            test.label if result.heldout else [], {init: p.mean(axis=0) for init, p in result.heldout.items()}))
         io.write_text(CURVES, result.curves.to_csv(index=False, float_format="%.6f", lineterminator="\n"))
         io.write_text(LIFT_PER_SEED, finetuning.pair_lift_table(heldout).to_csv(
             index=False, float_format="%.6f", lineterminator="\n"))
