@@ -153,7 +153,8 @@ def test_reference_run_label_curve_is_well_formed_and_plotted(reference_run):
         name = next(k for k in shown["data"] if k.startswith(title))
         content = shown["data"][name][0]["content"]
         assert len(content["data"]["values"]) == len(pairs)
-        band, pooled, points = content["layer"]
+        zero, band, pooled, points = content["layer"]
+        assert zero["mark"]["type"] == "rule" and zero["encoding"]["y"]["datum"] == 0  # the lift's zero line
         assert band["encoding"]["y"]["field"] == f"{metric}_low" and band["encoding"]["y2"]["field"] == f"{metric}_high"
         assert pooled["encoding"]["y"]["field"] == f"{metric}_pooled"
         assert points["encoding"]["y"]["field"] == metric and points["encoding"]["x"]["field"] == "pair"

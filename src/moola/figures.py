@@ -47,7 +47,7 @@ def plot_specs(revs: list[str], cwd: Path = Path(".")) -> tuple[dict[str, dict],
 
 def file_stem(name: str) -> str:
     """A file name for a plot title: 'Held-out MCC against labeled windows (95% ...)' -> 'held-out-mcc-against-...'."""
-    short = name.split(" (")[0] if " (" in name else name
+    short = re.sub(r"\s*\([^()]*\)\s*$", "", name)  # the trailing parenthesis only: titles differ before it
     return re.sub(r"[^a-z0-9]+", "-", short.lower()).strip("-") or "plot"
 
 

@@ -64,7 +64,8 @@ class DataParams:
     # Fine-tuning uses the first labeled_windows rows of labels.csv (all of them if it has fewer).
     labeled_windows: int = _f(89, positive=True)
     # The example market only: its labels.csv holds this many windows (the label-efficiency curve's pool; its first
-    # labeled_windows are the fine-tuning set) and its test_labels.csv test_windows more, from a later stretch.
+    # labeled_windows are the fine-tuning set) and its test_labels.csv test_windows more, after the pool (a
+    # continuation of the same stationary generator: new windows, not a changed market).
     label_pool: int = _f(500, positive=True)
     test_windows: int = _f(2000, min=0)
     # Unlabeled windows start every `stride` bars; labeled windows never overlap each other.

@@ -51,7 +51,8 @@ def main() -> None:
         io.write_text(TEST_LABELS, test_labels.to_csv(index=False))
     print(
         f"Example market: {len(bars):,} bars -> {BARS}, {len(labels)} labeled windows -> {LABELS}, "
-        f"{len(test_labels)} held-out windows (a later stretch) -> {TEST_LABELS}",
+        f"{len(test_labels)} held-out windows (after the pool: a continuation of the same stationary generator) "
+        f"-> {TEST_LABELS}",
         flush=True,
     )
 
