@@ -37,6 +37,18 @@ def session_repo(tmp_path_factory) -> Path:
     return make_repo(tmp_path_factory.mktemp("shared") / "repo")
 
 
+def write_raw_files(folder: Path, bars, labels, suffix: str = ".csv") -> Path:
+    """A user's own bars (.csv or .parquet) and labels.csv under folder/data/raw; returns that folder."""
+    raw = folder / "data/raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    if suffix == ".csv":
+        bars.to_csv(raw / "bars.csv", index=False)
+    else:
+        bars.to_parquet(raw / "bars.parquet", index=False)
+    labels.to_csv(raw / "labels.csv", index=False)
+    return raw
+
+
 def flip_bit_in_weights(path: Path, key: str = "weight_hh_l0", at: int = 37) -> None:
     """Flip one bit inside an encoder checkpoint's stored tensor (what bit rot in a cache looks like)."""
     import torch

@@ -21,7 +21,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import ROOT
+from conftest import ROOT, write_raw_files
 from moola import io
 from moola.errors import DataError, OutputError, run_main
 from moola.market import generate_market
@@ -37,13 +37,7 @@ def spec() -> dict:
 def own_files(folder: Path, bars: pd.DataFrame, labels: pd.DataFrame, test_labels: pd.DataFrame | None = None,
               suffix: str = ".csv", **data) -> Path:
     """params.yaml (the spec's, two folds, tiny scale) and data/raw files in `folder`: a user's own data."""
-    raw = folder / "data/raw"
-    raw.mkdir(parents=True, exist_ok=True)
-    if suffix == ".csv":
-        bars.to_csv(raw / "bars.csv", index=False)
-    else:
-        bars.to_parquet(raw / "bars.parquet", index=False)
-    labels.to_csv(raw / "labels.csv", index=False)
+    raw = write_raw_files(folder, bars, labels, suffix)
     if test_labels is None:
         shutil.copy(ROOT / "data/no_test_labels.csv", folder / "data/no_test_labels.csv")
     else:

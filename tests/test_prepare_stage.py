@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import make_repo, run
+from conftest import make_repo, run, write_raw_files
 from moola.market import generate_market
 from moola.windows import read_bars, read_labels, read_windows
 
@@ -69,13 +69,7 @@ def test_example_source_logs_the_counts_and_writes_windows(plain_repo):
 
 
 def write_files_source(repo: Path, bars: pd.DataFrame, labels: pd.DataFrame, suffix: str = ".csv") -> None:
-    raw = repo / "data/raw"
-    raw.mkdir(parents=True, exist_ok=True)
-    if suffix == ".csv":
-        bars.to_csv(raw / "bars.csv", index=False)
-    else:
-        bars.to_parquet(raw / "bars.parquet", index=False)
-    labels.to_csv(raw / "labels.csv", index=False)
+    write_raw_files(repo, bars, labels, suffix)
     # Two folds: four labeled windows (two of each class) are enough for prepare's early fold check.
     set_params(repo, data={"bars": f"data/raw/bars{suffix}", "labels": "data/raw/labels.csv",
                                   "test_labels": "data/no_test_labels.csv"}, finetune={"folds": 2})
