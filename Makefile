@@ -60,8 +60,8 @@ $(CLOUD_STAMP): sky/requirements.txt
 tour: $(STAMP)
 	PATH="$(abspath $(BIN)):$$PATH" moola tour $(ARGS)
 
-# The CPU study (README "Results"): about 40 minutes on 2 cores. Faster on a CPU that runs bf16 (moola doctor says):
-# make study ARGS="-S pretrain.precision=bf16" (not the default: other bytes than fp32's; README "Precision").
+# The CPU study (README "Results"): under an hour on 2 cores, setup included; it pretrains in bf16 where the CPU
+# runs it (README "Precision"); make study ARGS="-S pretrain.precision=fp32" for fp32's bytes, slower.
 study: $(STAMP)
 	PATH="$(abspath $(BIN)):$$PATH" moola study $(ARGS)
 

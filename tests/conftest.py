@@ -14,7 +14,10 @@ TINY = {
     "scale": {"windows": 0.006, "epochs": 0.04},  # 71 unlabeled windows; 3/2/4/3/3 pretraining epochs
     # One thread: the suite shares 2 cores with itself, and oversubscribed torch threads crawl.
     "pretrain": {"batch_size": 32, "hidden_size": 128, "threads": 1},
-    "finetune": {"seeds": [1337], "epochs": 2, "freeze_epochs": 1, "bootstrap": 200, "threads": 1},
+    # One fit at a time: a worker process costs a torch import, more than a 2-epoch fit (tests/test_fits.py runs 2).
+    "finetune": {"seeds": [1337], "epochs": 2, "freeze_epochs": 1, "bootstrap": 200, "threads": 1, "workers": 1},
+    # Two pretraining replicates of the selected experiment, a snapshot after epoch 1 (and the last, 2-4).
+    "replicates": {"seeds": [101, 102], "snapshot_epochs": [1]},
     # A label pool of 120 (the 89 and 31 more) and 300 held-out windows; a two-point curve with one seed.
     "data": {"label_pool": 120, "test_windows": 300},
     "curve": {"sizes": [20, 45], "seeds": [1337]},

@@ -132,24 +132,31 @@ def test_run_oof_predicts_every_window_once_per_seed_and_init():
     cfg = dataclasses.replace(CFG, epochs=2, freeze_epochs=1)
     inits = ("pretrained", "scratch", "scratch_same_schedule", "majority", "logreg")
     logged = []
-    result = finetuning.run_oof(x, y, ids, cfg, [1337, 1338], 3, inits, encoder_state(), log=logged.append,
-                                heldout_values=x[:5])
-    # Per seed, the mean of that seed's 3 fold models: seeds stay apart so that they can be resampled.
+    other = {k: v + 0.01 for k, v in encoder_state().items()}  # a second pretraining replicate
+    result = finetuning.run_oof(x, y, ids, cfg, [1337, 1338], 3, inits, {"r1": encoder_state(), "r2": other},
+                                log=logged.append, heldout_values=x[:5])
+    # Per seed, the mean of that seed's 3 fold models: seeds stay apart so that they can be resampled; the
+    # pretrained row has one such set per replicate.
     assert set(result.heldout) == set(inits) and result.heldout["scratch"].shape == (2, 5, 2)
+    assert result.heldout["pretrained"].shape == (2, 2, 5, 2)
+    assert not np.array_equal(result.heldout["pretrained"][0], result.heldout["pretrained"][1])
     assert np.allclose(result.heldout["logreg"].sum(axis=2), 1.0)
     pred = result.predictions
-    assert list(pred.columns) == ["window_id", "fold", "seed", "init", "p_consolidation", "p_retracement",
-                                  "prediction", "label"]
-    assert len(pred) == len(ids) * 2 * len(inits)
-    counts = pred.groupby(["init", "seed", "window_id"]).size()
-    assert (counts == 1).all() and len(counts) == len(ids) * 2 * len(inits)
+    assert list(pred.columns) == ["window_id", "fold", "seed", "replicate", "init", "p_consolidation",
+                                  "p_retracement", "prediction", "label"]
+    rows_per_seed = len(inits) + 1  # pretrained twice (one per replicate)
+    assert len(pred) == len(ids) * 2 * rows_per_seed
+    counts = pred.groupby(["init", "replicate", "seed", "window_id"]).size()
+    assert (counts == 1).all() and len(counts) == len(ids) * 2 * rows_per_seed
+    assert set(pred.loc[pred["init"] == "pretrained", "replicate"]) == {"r1", "r2"}
+    assert set(pred.loc[pred["init"] != "pretrained", "replicate"]) == {""}
     # Same folds for every init of a seed.
     folds = pred.pivot_table(index=["seed", "window_id"], columns="init", values="fold")
     assert (folds.nunique(axis=1) == 1).all()
     assert list(result.curves.columns) == ["epoch"] + [
         f"{init}_{loss}" for init in finetuning.NETWORK_INITS for loss in ("train_loss", "val_loss")]
     assert len(result.curves) == 2
-    assert len(logged) == 2 * len(inits) and "fold-averaged accuracy" in logged[0]
+    assert len(logged) == 2 * rows_per_seed and "fold-averaged accuracy" in logged[0]
 
     summary = finetuning.summary_report(pred, inits)
     assert set(summary) == set(inits) and set(summary["majority"]["accuracy"]) == {"mean", "std"}
@@ -162,10 +169,10 @@ def test_run_oof_predicts_every_window_once_per_seed_and_init():
         assert lift["accuracy"]["point"] == pytest.approx(
             summary["pretrained"]["accuracy"]["mean"] - summary[other]["accuracy"]["mean"], abs=1e-5
         )
-        # 24 windows: blocks of round(24 ** (1/3)) = 3; two seeds; one encoder.
-        assert lift["accuracy"]["covers"] == ["out-of-fold windows (blocks of 3)", "fine-tuning seeds (2)"]
-        assert f"pretrained - {other}: " in lift["verdict"] and "not over the pretraining run (1 replicate)" in (
-            lift["verdict"])
+        # 24 windows: blocks of round(24 ** (1/3)) = 3; two seeds; two encoders.
+        assert lift["accuracy"]["covers"] == ["out-of-fold windows (blocks of 3)", "fine-tuning seeds (2)",
+                                              "pretraining replicates (2)"]
+        assert f"pretrained - {other}: " in lift["verdict"]
 
 
 CPU = torch.device("cpu")

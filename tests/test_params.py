@@ -38,6 +38,7 @@ def test_spec_is_the_default():
 def test_scale_shrinks_windows_and_pretraining_epochs_not_the_table():
     raw = spec()
     raw["scale"] = {"windows": 0.01, "epochs": 0.1}
+    raw["replicates"]["snapshot_epochs"] = [1, 2, 4]  # the default's 8-32 are past exp2's 5 epochs (refused)
     p = parse_params(raw)
     assert p.unlabeled_windows == 119
     assert [e.epochs for e in p.all_experiments()] == [8, 5, 10, 8, 8]

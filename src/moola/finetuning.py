@@ -82,6 +82,13 @@ def finetune_device(ft: FinetuneParams) -> torch.device:
     return device
 
 
+def fit_placement(ft: FinetuneParams, device: torch.device) -> str:
+    """How the fits run, for the log: worker processes and threads on the CPU, one at a time elsewhere."""
+    if device.type != "cpu" or ft.workers <= 1:
+        return f"one fit at a time ({ft.threads} threads)" if device.type == "cpu" else "one fit at a time"
+    return f"{ft.workers} fits at a time, {ft.threads} thread{'s' if ft.threads > 1 else ''} each"
+
+
 def finetune_numerics(ft: FinetuneParams, device: torch.device, log: Callable[[str], None] = print,
                       probe=probe_lstm_dtype) -> Numerics:
     """finetune.precision on `device`, decided as pretraining decides pretrain.precision (moola.numerics.decide:
@@ -339,91 +346,118 @@ def run_oof(
     seeds: Sequence[int],
     folds: int,
     inits: Sequence[str],
-    encoder_state: Mapping[str, torch.Tensor] | None = None,
+    encoder_states: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
     device: torch.device | str = "cpu",
     log: Callable[[str], None] = print,
     heldout_values: np.ndarray | None = None,
     splitter: Splitter = fold_splits,
+    workers: int = 1,
+    threads: int = 1,
 ) -> OofResult:
-    """Out-of-fold predictions of every init in `inits` (pretrained, scratch, majority, logreg) for every seed.
+    """Out-of-fold predictions of every init in `inits` (pretrained, scratch, majority, logreg) for every seed, and
+    for an init that starts from an encoder, for every encoder of `encoder_states` (name -> weights: the pretraining
+    replicates). Every network fit is trained by moola.fits (`workers` processes of `threads` threads on the CPU).
 
     With `heldout_values`, every fold model (and every fold's reference fit) also predicts those windows after it
     is trained; an init's held-out prediction for a seed is the mean of those probabilities over the seed's folds."""
+    from moola.fits import Fit, Shared, run_fits
+
     labels = np.asarray(labels, dtype=np.int64)
-    if "pretrained" in inits and encoder_state is None:
-        raise ValueError("the pretrained init needs an encoder_state")
+    encoder_states = dict(encoder_states or {})
+    if any(init in FROM_ENCODER for init in inits) and not encoder_states:
+        raise ValueError("the pretrained init needs encoder_states")
     features = evaluation.window_features(values) if "logreg" in inits else None
     use_heldout = heldout_values is not None and len(heldout_values) > 0
     heldout_features = (
         evaluation.window_features(heldout_values) if use_heldout and "logreg" in inits else None
     )
-    heldout_folds: dict[str, list[list[np.ndarray]]] = {}
+
+    def replicates_of(init: str) -> list[str]:
+        return list(encoder_states) if init in FROM_ENCODER else [""]
+
+    splits = {seed: splitter(labels, folds, seed) for seed in seeds}
+    # Every network fit at once (the slow part), then the bookkeeping in the same order as before.
+    keys, jobs = [], []
+    for seed in seeds:
+        for init in (i for i in inits if i in NETWORK_INITS):
+            for replicate in replicates_of(init):
+                for fold, (train, test) in enumerate(splits[seed]):
+                    keys.append((seed, init, replicate, fold))
+                    jobs.append(Fit(init, train, _fold_seed(seed, fold), replicate or None, test))
+    shared = Shared(values, labels, heldout_values if use_heldout else None, encoder_states, cfg,
+                    str(torch.device(device)), threads)
+    trained = dict(zip(keys, run_fits(jobs, shared, workers)))
+
+    heldout_folds: dict[tuple[str, str], list[list[np.ndarray]]] = {}
     rows: list[pd.DataFrame] = []
     curves: dict[str, list[FoldRun]] = {init: [] for init in inits if init in NETWORK_INITS}
     for seed in seeds:
-        splits = splitter(labels, folds, seed)
         for init in inits:
-            fold_accuracy = []
-            for fold, (train, test) in enumerate(splits):
-                heldout_proba = None
-                if init in NETWORK_INITS:
-                    run = train_init(
-                        init, values[train], labels[train], values[test], labels[test], cfg, encoder_state,
-                        _fold_seed(seed, fold), device, x_heldout=heldout_values if use_heldout else None,
-                    )
-                    curves[init].append(run)
-                    proba, heldout_proba = run.proba, run.heldout_proba
-                elif init == "majority":
-                    proba = evaluation.majority_proba(labels[train], len(test))
-                    if use_heldout:
-                        heldout_proba = evaluation.majority_proba(labels[train], len(heldout_values))
-                elif init == "logreg":
-                    assert features is not None
-                    if use_heldout:
-                        # One fit per training fold predicts both its test fold and the held-out windows.
-                        both = evaluation.logreg_proba(
-                            features[train], labels[train], np.concatenate([features[test], heldout_features]),
-                            cfg.class_weighted,
-                        )
-                        proba, heldout_proba = both[: len(test)], both[len(test) :]
+            for replicate in replicates_of(init):
+                fold_accuracy = []
+                for fold, (train, test) in enumerate(splits[seed]):
+                    heldout_proba = None
+                    if init in NETWORK_INITS:
+                        run = trained[(seed, init, replicate, fold)]
+                        curves[init].append(run)
+                        proba, heldout_proba = run.proba, run.heldout_proba
+                    elif init == "majority":
+                        proba = evaluation.majority_proba(labels[train], len(test))
+                        if use_heldout:
+                            heldout_proba = evaluation.majority_proba(labels[train], len(heldout_values))
+                    elif init == "logreg":
+                        assert features is not None
+                        if use_heldout:
+                            # One fit per training fold predicts both its test fold and the held-out windows.
+                            both = evaluation.logreg_proba(
+                                features[train], labels[train], np.concatenate([features[test], heldout_features]),
+                                cfg.class_weighted,
+                            )
+                            proba, heldout_proba = both[: len(test)], both[len(test) :]
+                        else:
+                            proba = evaluation.logreg_proba(
+                                features[train], labels[train], features[test], cfg.class_weighted
+                            )
                     else:
-                        proba = evaluation.logreg_proba(
-                            features[train], labels[train], features[test], cfg.class_weighted
-                        )
-                else:
-                    raise ValueError(f"unknown init {init!r}")
-                if heldout_proba is not None:
-                    per_seed = heldout_folds.setdefault(init, [])
-                    if fold == 0:
-                        per_seed.append([])
-                    per_seed[-1].append(heldout_proba)
-                predicted = proba.argmax(axis=1)
-                fold_accuracy.append(float(np.mean(predicted == labels[test])))
-                frame = pd.DataFrame(
-                    {
-                        "window_id": np.asarray(window_ids, dtype=np.int64)[test],
-                        "fold": np.full(len(test), fold, dtype=np.int64),
-                        "seed": np.full(len(test), seed, dtype=np.int64),
-                        "init": init,
-                        **{col: proba[:, i].astype(np.float64) for i, col in enumerate(PROBA_COLUMNS)},
-                        "prediction": predicted.astype(np.int64),
-                        "label": labels[test],
-                    }
+                        raise ValueError(f"unknown init {init!r}")
+                    if heldout_proba is not None:
+                        per_seed = heldout_folds.setdefault((init, replicate), [])
+                        if fold == 0:
+                            per_seed.append([])
+                        per_seed[-1].append(heldout_proba)
+                    predicted = proba.argmax(axis=1)
+                    fold_accuracy.append(float(np.mean(predicted == labels[test])))
+                    rows.append(pd.DataFrame(
+                        {
+                            "window_id": np.asarray(window_ids, dtype=np.int64)[test],
+                            "fold": np.full(len(test), fold, dtype=np.int64),
+                            "seed": np.full(len(test), seed, dtype=np.int64),
+                            "replicate": replicate,
+                            "init": init,
+                            **{col: proba[:, i].astype(np.float64) for i, col in enumerate(PROBA_COLUMNS)},
+                            "prediction": predicted.astype(np.int64),
+                            "label": labels[test],
+                        }
+                    ))
+                log(
+                    f"seed {seed} {init}{f' ({replicate})' if replicate else ''}: fold-averaged accuracy "
+                    f"{np.mean(fold_accuracy):.3f} (folds: {' '.join(f'{a:.3f}' for a in fold_accuracy)})"
                 )
-                rows.append(frame)
-            log(
-                f"seed {seed} {init}: fold-averaged accuracy {np.mean(fold_accuracy):.3f} "
-                f"(folds: {' '.join(f'{a:.3f}' for a in fold_accuracy)})"
-            )
     predictions = pd.concat(rows, ignore_index=True)
     init_order = {init: i for i, init in enumerate(inits)}
     predictions = (
         predictions.assign(_order=predictions["init"].map(init_order))
-        .sort_values(["_order", "seed", "window_id"], kind="stable")
+        .sort_values(["_order", "replicate", "seed", "window_id"], kind="stable")
         .drop(columns="_order")
         .reset_index(drop=True)
     )
-    heldout = {init: np.stack([np.mean(folds, axis=0) for folds in per_seed]) for init, per_seed in heldout_folds.items()}
+    # init -> (seeds, n, classes), or (replicates, seeds, n, classes) for an init from an encoder
+    heldout: dict[str, np.ndarray] = {}
+    for init in inits:
+        per_replicate = [np.stack([np.mean(f, axis=0) for f in heldout_folds[(init, r)]])
+                         for r in replicates_of(init) if (init, r) in heldout_folds]
+        if per_replicate:
+            heldout[init] = np.stack(per_replicate) if init in FROM_ENCODER else per_replicate[0]
     return OofResult(predictions=predictions, curves=mean_curves(curves, cfg.epochs), heldout=heldout)
 
 
@@ -440,10 +474,10 @@ def mean_curves(runs: Mapping[str, Sequence[FoldRun]], epochs: int) -> pd.DataFr
 
 
 def metrics_per_seed(predictions: pd.DataFrame, init: str) -> list[dict[str, float]]:
-    """Metrics of one init's out-of-fold predictions, one dict per seed (all windows of that seed at once)."""
+    """Metrics of one init's out-of-fold predictions, one dict per (replicate, seed) (all windows at once)."""
     rows = predictions[predictions["init"] == init]
     out = []
-    for _, per_seed in rows.groupby("seed", sort=True):
+    for _, per_seed in rows.groupby(["replicate", "seed"], sort=True):
         proba = per_seed[list(PROBA_COLUMNS)].to_numpy()
         out.append(evaluation.classification_metrics(per_seed["label"].to_numpy(), proba))
     return out
@@ -452,14 +486,17 @@ def metrics_per_seed(predictions: pd.DataFrame, init: str) -> list[dict[str, flo
 def _predictions_matrix(
     predictions: pd.DataFrame, init: str, order: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(labels (n,), predictions (seeds, n)) with windows in the same order for every seed: `order` (window ids), or
-    window_id."""
-    rows = predictions[predictions["init"] == init].sort_values(["seed", "window_id"], kind="stable")
-    table = rows.pivot(index="window_id", columns="seed", values="prediction")
+    """(labels (n,), predictions (seeds, n), or (replicates, seeds, n) for an init from an encoder) with windows
+    in the same order for every seed: `order` (window ids), or window_id."""
+    rows = predictions[predictions["init"] == init].sort_values(["replicate", "seed", "window_id"], kind="stable")
+    table = rows.pivot(index="window_id", columns=["replicate", "seed"], values="prediction")
     if order is not None:
         table = table.loc[order]
     labels = rows.drop_duplicates("window_id").set_index("window_id")["label"].loc[table.index]
-    return labels.to_numpy(), table.to_numpy().T
+    matrix = table.to_numpy().T
+    if init in FROM_ENCODER:
+        matrix = matrix.reshape(rows["replicate"].nunique(), -1, matrix.shape[-1])
+    return labels.to_numpy(), matrix
 
 
 # The lifts reported, each pretrained minus a scratch row: `lift` isolates the encoder's weights together with the
@@ -508,9 +545,11 @@ def lift_report(
     assert all(np.array_equal(labels, m[0]) for m in matrices.values())
     predicted = {init: with_replicates(init, m[1]) for init, m in matrices.items()}
     seeds = predicted[inits[0]].shape[-2]
+    replicates = max(p.shape[0] for init, p in predicted.items() if init in FROM_ENCODER) if any(
+        init in FROM_ENCODER for init in predicted) else 1
     where = "out-of-fold windows"
     block_n = evaluation.block_length(block, len(labels), where)
-    res = evaluation.hierarchical_resampling(len(labels), seeds, 1, resamples, seed, block_n, where)
+    res = evaluation.hierarchical_resampling(len(labels), seeds, replicates, resamples, seed, block_n, where)
     report = lifts_with_intervals(labels, predicted, evaluation.OOF_LIFT_METRICS, res)
     for lift in report.values():
         lift["resamples"] = resamples

@@ -20,7 +20,8 @@ import torch
 from sklearn.model_selection import train_test_split
 
 from moola import evaluation
-from moola.finetuning import NETWORK_INITS, FinetuneConfig, lifts_with_intervals, train_init, with_replicates
+from moola.finetuning import FROM_ENCODER, NETWORK_INITS, FinetuneConfig, lifts_with_intervals, with_replicates
+from moola.fits import Fit, Shared, run_fits
 
 MODELS = (*NETWORK_INITS, "logreg", "majority")
 CURVE_METRICS = ("accuracy", "balanced_accuracy", "mcc")
@@ -58,22 +59,30 @@ def run_curve(
     encoder_state: Mapping[str, torch.Tensor],
     device: torch.device | str = "cpu",
     log: Callable[[str], None] = print,
+    workers: int = 1,
+    threads: int = 1,
 ) -> CurveResult:
-    """Every model of MODELS trained on each size's draws; their held-out class predictions."""
+    """Every model of MODELS trained on each size's draws; their held-out class predictions. The networks are
+    trained by moola.fits (`workers` processes of `threads` threads on the CPU)."""
     pool_labels = np.asarray(pool_labels, dtype=np.int64)
     runnable = sorted(n for n in sizes if n <= len(pool_labels))
     skipped = sorted(n for n in sizes if n > len(pool_labels))
     pool_features = evaluation.window_features(pool_values)
     heldout_features = evaluation.window_features(heldout_values)
+    draws = {(size, seed): draw_labeled(pool_labels, size, seed) for size in runnable for seed in seeds}
+    keys = [(size, seed, init) for size in runnable for seed in seeds for init in NETWORK_INITS]
+    jobs = [Fit(init, draws[(size, seed)], _train_seed(seed, size), "encoder" if init in FROM_ENCODER else None)
+            for size, seed, init in keys]
+    shared = Shared(pool_values, pool_labels, heldout_values, {"encoder": encoder_state}, cfg,
+                    str(torch.device(device)), threads)
+    trained = dict(zip(keys, run_fits(jobs, shared, workers)))
     predictions: dict[tuple[int, str], list[np.ndarray]] = {}
     for size in runnable:
         for seed in seeds:
-            idx = draw_labeled(pool_labels, size, seed)
-            x, y = pool_values[idx], pool_labels[idx]
+            idx = draws[(size, seed)]
+            y = pool_labels[idx]
             for init in NETWORK_INITS:
-                run = train_init(
-                    init, x, y, None, None, cfg, encoder_state, _train_seed(seed, size), device, x_heldout=heldout_values
-                )
+                run = trained[(size, seed, init)]
                 assert run.heldout_proba is not None
                 predictions.setdefault((size, init), []).append(run.heldout_proba.argmax(axis=1))
             logreg = evaluation.logreg_proba(pool_features[idx], y, heldout_features, cfg.class_weighted)

@@ -170,6 +170,20 @@ class SelectParams:
 
 
 @dataclass(frozen=True)
+class ReplicateParams:
+    """Independent pretraining runs of the selected experiment (stages replicate@<i>), the encoders the answer
+    fine-tunes from: the spread between them is one of the sources its intervals cover."""
+
+    # One run per seed (initialisation, masks, batch order); none of them is the seed the selection run used.
+    seeds: list[int] = _f([101, 102, 103])
+    # 0: the selected experiment's epochs (after scale.epochs). A number: that many, whichever is selected (the
+    # study trains its replicates longer than its selection runs).
+    epochs: int = _f(0, min=0)
+    # The encoder kept after these epochs (and after the last one): the pretraining-budget curve's points.
+    snapshot_epochs: list[int] = _f([1, 2, 4, 8, 16, 32])
+
+
+@dataclass(frozen=True)
 class FinetuneParams:
     folds: int = _f(5, min=2)
     seeds: list[int] = _f([1337, 1338, 1339])
@@ -185,7 +199,11 @@ class FinetuneParams:
     grad_clip: float = _f(1.0, positive=True)
     class_weighted: bool = True
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
-    threads: int = _f(2, positive=True)
+    # Torch threads per fit, and (CPU only) fits trained at once in worker processes (moola.fits). A fit's bytes
+    # depend on its threads, not on the workers: 2 workers of 1 thread train 1.6x as many fits an hour as 1 of 2
+    # on 2 cores (BENCHMARKS.md).
+    threads: int = _f(1, positive=True)
+    workers: int = _f(2, positive=True)
     # CUDA: deterministic cuDNN and the math SDPA kernel for the attention; TF32 as in pretrain.tf32.
     deterministic: bool = True
     tf32: bool = False
@@ -225,6 +243,7 @@ class Params:
     pretrain: PretrainParams
     experiments: dict[str, dict]
     select: SelectParams
+    replicates: ReplicateParams
     finetune: FinetuneParams
     curve: CurveParams
 
@@ -241,6 +260,14 @@ class Params:
 
     def all_experiments(self) -> list[Experiment]:
         return [self.experiment(name) for name in self.experiments]
+
+    def replicate_epochs(self, selected: str) -> int:
+        """Epochs of every replicate run when `selected` is the selected experiment."""
+        return self.replicates.epochs or self.experiment(selected).epochs
+
+    def budget_epochs(self, selected: str) -> list[int]:
+        """The pretraining-budget curve's points: the snapshot epochs and the replicates' last epoch."""
+        return sorted({*self.replicates.snapshot_epochs, self.replicate_epochs(selected)})
 
     @property
     def unlabeled_windows(self) -> int:
@@ -363,6 +390,7 @@ def _cross_checks(p: Params) -> None:
                           f"(one of each class), got {c.sizes}")
     if not c.seeds or len(set(c.seeds)) != len(c.seeds):
         raise ParamsError(f"{PARAMS_FILE}: curve.seeds must be distinct and not empty, got {c.seeds}")
+    _check_replicates(p)
     if len(set(ft.seeds)) != len(ft.seeds):
         raise ParamsError(f"{PARAMS_FILE}: finetune.seeds must be distinct, got {ft.seeds}")
     block = ft.bootstrap_block
@@ -409,6 +437,26 @@ def _cross_checks(p: Params) -> None:
                 f"{PARAMS_FILE}: pretrain.patch_size ({exp.train.patch_size}) must be at most half of "
                 f"data.window ({p.data.window})"
             )
+
+
+def _check_replicates(p: Params) -> None:
+    r = p.replicates
+    if len(set(r.seeds)) != len(r.seeds):
+        raise ParamsError(f"{PARAMS_FILE}: replicates.seeds must be distinct, got {r.seeds}")
+    snaps = r.snapshot_epochs
+    if any(e < 1 for e in snaps) or any(b <= a for a, b in zip(snaps, snaps[1:])):
+        raise ParamsError(f"{PARAMS_FILE}: replicates.snapshot_epochs must be increasing epochs, each at least 1, "
+                          f"got {snaps}")
+    # Whichever experiment select picks, its replicates reach every snapshot.
+    if r.epochs:
+        most, why = r.epochs, f"replicates.epochs ({r.epochs})"
+    else:
+        shortest = min(p.all_experiments(), key=lambda exp: exp.epochs)
+        most, why = shortest.epochs, (f"the {shortest.epochs} epochs of {shortest.name}, the shortest experiment "
+                                      f"select may pick (replicates.epochs: 0 runs the selected one's)")
+    if snaps[-1] > most:
+        raise ParamsError(f"{PARAMS_FILE}: replicates.snapshot_epochs {snaps} goes beyond {why}; expected epochs "
+                          f"up to {most}")
 
 
 def _check_embargo(d: DataParams) -> None:

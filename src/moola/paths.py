@@ -31,6 +31,14 @@ pretrain_curve = "plots/pretrain/{}.csv".format
 SELECTED_ENCODER = "data/selected/encoder.pt"
 SELECT_METRICS = "metrics/select.json"
 
+# replicate@<i>: one directory per replicate seed, holding its encoder and its snapshots
+replicate_dir = "data/replicates/seed{}".format
+REPLICATES_DIR = "data/replicates"
+REPLICATE_ENCODER = "encoder.pt"  # in replicate_dir(seed): the best validation epoch's, as pretrain keeps it
+snapshot_name = "epoch_{:03d}.pt".format  # in replicate_dir(seed): the encoder after that epoch
+replicate_metrics = "metrics/replicates/seed{}.json".format
+replicate_curve = "plots/replicates/seed{}.csv".format
+
 # finetune
 ANSWER = "metrics/answer.json"  # the headline (moola.answer): the one file dvc.yaml declares as DVC metrics
 OOF_PREDICTIONS = "data/finetune/oof_predictions.parquet"
@@ -46,6 +54,10 @@ ablation_metrics = "metrics/ablation/{}.json".format
 # label_curve
 CURVE_METRICS = "metrics/label_curve.json"
 CURVE_PLOT = "plots/label_curve.csv"
+
+# budget_curve
+BUDGET_METRICS = "metrics/budget_curve.json"
+BUDGET_PLOT = "plots/budget_curve.csv"
 
 # Not stage outputs: run-specific facts (`dvc metrics show metrics/runtime` lists them).
 RUNTIME_DIR = "metrics/runtime"

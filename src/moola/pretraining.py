@@ -19,9 +19,9 @@ import random
 import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -59,6 +59,8 @@ class PretrainResult:
     numerics: dict  # moola.numerics.Numerics.record() plus the LSTM output dtype seen in the first step
     seconds: float  # training time spent in this process (not counting epochs restored from a checkpoint)
     samples_per_second: float
+    # epoch -> the encoder's (nn.LSTM) weights at the end of that epoch, for the epochs asked that ran
+    snapshots: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
 
     @property
     def epochs_run(self) -> int:
@@ -221,6 +223,7 @@ def pretrain(
     log: Log = log_line,
     probe=probe_lstm_dtype,
     masks_ahead: bool | None = None,
+    snapshot_epochs: Sequence[int] = (),
 ) -> PretrainResult:
     """Train a BiLSTMMaskedAutoencoder on `train` (n, window, 4), validate on `val` each epoch, keep the best.
 
@@ -228,6 +231,8 @@ def pretrain(
     `probe(device, dtype)` answers the LSTM's dtype under autocast (moola.numerics; a test may fake it).
     `masks_ahead`: draw the next epoch's masks in a background thread (default: on accelerators only; on the CPU
     the thread would take cores from training).
+    `snapshot_epochs`: keep the encoder's weights as they are at the end of these epochs (`result.snapshots`; kept
+    in the resume checkpoint too, so that a resumed run has the same ones).
     """
     cfg = experiment.train
     device = device or pick_device(cfg.device)
@@ -360,6 +365,8 @@ def pretrain(
 
             progress.epoch = epoch
             progress.history.append((epoch, train_loss, val_loss))
+            if epoch in snapshot_epochs:
+                progress.snapshots[epoch] = cpu_copy(model.encoder.state_dict())
             improved = val_loss < progress.best_val_loss
             if improved:
                 progress.best_val_loss, progress.best_epoch = val_loss, epoch
@@ -393,6 +400,7 @@ def pretrain(
         numerics=record,
         seconds=seconds,
         samples_per_second=samples_seen / seconds if seconds else 0.0,
+        snapshots=dict(sorted(progress.snapshots.items())),
     )
 
 

@@ -25,7 +25,7 @@ from moola.numerics import Numerics
 from moola.params import Experiment, as_dict
 
 RESUME_DIR = Path(".moola/resume/pretrain")
-RESUME_FORMAT = "moola-pretrain-resume/2"
+RESUME_FORMAT = "moola-pretrain-resume/3"  # /3: snapshots
 
 
 @dataclass
@@ -37,6 +37,8 @@ class Progress:
     best_epoch: int = 0
     best_state: dict[str, torch.Tensor] | None = None
     history: list[tuple[int, float, float]] = field(default_factory=list)
+    # epoch -> the encoder's weights at the end of that epoch (pretrain's snapshot_epochs)
+    snapshots: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
 
 
 def resume_path_for(experiment: str, root: str | Path = ".") -> Path:
@@ -136,6 +138,7 @@ class ResumeCheckpoint:
                 "best_epoch": progress.best_epoch,
                 "best_state": progress.best_state,
                 "history": [list(row) for row in progress.history],
+                "snapshots": {str(epoch): state for epoch, state in progress.snapshots.items()},
                 "model": cpu_copy(model.state_dict()),
                 "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict() if scaler is not None else {},
@@ -173,4 +176,5 @@ class ResumeCheckpoint:
             best_epoch=state["best_epoch"],
             best_state=state["best_state"],
             history=[(int(e), float(t), float(v)) for e, t, v in state["history"]],
+            snapshots={int(epoch): weights for epoch, weights in state["snapshots"].items()},
         )

@@ -91,6 +91,20 @@ def heldout_confusion_csv(labels: np.ndarray, proba: dict[str, np.ndarray]) -> s
     return frame.to_csv(index=False, lineterminator="\n")
 
 
+def replicate_encoders(p: Params, selected: str) -> dict[str, dict]:
+    """replicate name -> its encoder's weights, one per replicates.seeds, each checked to be a run of `selected`."""
+    encoders = {}
+    for seed in p.replicates.seeds:
+        path = Path(paths.replicate_dir(seed)) / paths.REPLICATE_ENCODER
+        checkpoint = load_encoder_checkpoint(path, expect_hidden=p.finetune.hidden_size)
+        made_from = checkpoint.hyperparams.get("experiment")
+        if made_from != selected:
+            raise DataError(f"{path}: a replicate of '{made_from}', but select chose '{selected}'; it is stale: run "
+                            f"`dvc repro replicate`")
+        encoders[f"seed{seed}"] = checkpoint.state_dict
+    return encoders
+
+
 def run(p: Params, encoder: Path, ablation: str | None) -> None:
     ft = p.finetune
     if ablation is not None and ablation not in p.experiments:
@@ -107,6 +121,12 @@ def run(p: Params, encoder: Path, ablation: str | None) -> None:
     cv = finetuning.cv_report(ft.cv, splitter(labeled.label, ft.folds, ft.seeds[0]), p.data.embargo)
     print(f"out-of-fold folds: {cv['description']}", flush=True)
     checkpoint = load_encoder_checkpoint(encoder, expect_hidden=ft.hidden_size)
+    # The answer fine-tunes from the replicates (independent runs of the selected experiment); the ablation
+    # compares the experiments' own encoders.
+    if ablation:
+        encoders = {ablation: checkpoint.state_dict}
+    else:
+        encoders = replicate_encoders(p, str(checkpoint.hyperparams.get("experiment", "")))
     numerics = finetuning.finetune_numerics(ft, device)
     cfg = finetuning.FinetuneConfig.from_params(p, numerics)
     inits = ("pretrained",) if ablation else ALL_INITS
@@ -118,16 +138,17 @@ def run(p: Params, encoder: Path, ablation: str | None) -> None:
         raise ParamsError(f"{PARAMS_FILE}: finetune.heldout_periods ({ft.heldout_periods}) exceeds the {len(test)} "
                           f"held-out windows of {TEST}; expected at most {len(test)}")
     print(
-        f"encoder {encoder} ({checkpoint.hyperparams.get('experiment', 'unnamed')}); {ft.folds} folds x "
-        f"seeds {ft.seeds}; {cfg.epochs} epochs ({cfg.freeze_epochs} frozen); inits {', '.join(inits)}; "
-        f"device {describe(device)}",
+        f"encoders {', '.join(encoders)} ({checkpoint.hyperparams.get('experiment', 'unnamed')}); {ft.folds} folds "
+        f"x seeds {ft.seeds}; {cfg.epochs} epochs ({cfg.freeze_epochs} frozen); inits {', '.join(inits)}; "
+        f"device {describe(device)}; {finetuning.fit_placement(ft, device)}",
         flush=True,
     )
     with attention_kernels(device, ft.deterministic):
         result = finetuning.run_oof(
             labeled.values, labeled.label, labeled.window_id, cfg, ft.seeds, ft.folds, inits,
-            encoder_state=checkpoint.state_dict, device=device,
+            encoder_states=encoders, device=device,
             heldout_values=test.values if test is not None and len(test) else None, splitter=splitter,
+            workers=ft.workers, threads=ft.threads,
         )
     summary = finetuning.summary_report(result.predictions, inits)
     common = {"windows": len(labeled), "class_counts": counts, "folds": ft.folds, "seeds": list(ft.seeds),
@@ -152,13 +173,13 @@ def run(p: Params, encoder: Path, ablation: str | None) -> None:
     if result.heldout:
         assert test is not None
         order = np.argsort(test.start, kind="stable")
-        # One pretraining replicate: the selected encoder (pretrained gets the replicate axis it pairs on).
-        predicted = {init: proba.argmax(axis=2)[:, order] for init, proba in result.heldout.items()}
-        predicted = {init: finetuning.with_replicates(init, pred) for init, pred in predicted.items()}
+        # (replicates, seeds, n) for pretrained, (seeds, n) for the others: the levels the bootstrap resamples.
+        predicted = {init: proba.argmax(axis=-1)[..., order] for init, proba in result.heldout.items()}
+        replicates = list(encoders)
         heldout = finetuning.heldout_report(
-            test.label[order], predicted, ft.bootstrap, p.seed, ft.bootstrap_block, ft.seeds, [selected], ft.folds
+            test.label[order], predicted, ft.bootstrap, p.seed, ft.bootstrap_block, ft.seeds, replicates, ft.folds
         )
-        heldout.update(heldout_extras(p, test.start[order], test.label[order], predicted, [selected]))
+        heldout.update(heldout_extras(p, test.start[order], test.label[order], predicted, replicates))
         for name in finetuning.LIFTS:
             hl = heldout[name]["accuracy"]
             print(f"held-out ({len(test)} windows) {name}: accuracy {hl['point']:+.3f} [{hl['ci_low']:+.3f}, "
@@ -184,7 +205,8 @@ def run(p: Params, encoder: Path, ablation: str | None) -> None:
             io.write_text(path, confusion_csv(result.predictions, init, ft.seeds[0]))
         # Each model's ensemble (every fold model of every seed) on the held-out windows, as counts per cell.
         io.write_text(HELDOUT_CONFUSION, heldout_confusion_csv(
-            test.label if result.heldout else [], {init: p.mean(axis=0) for init, p in result.heldout.items()}))
+            test.label if result.heldout else [],
+            {init: p.reshape(-1, *p.shape[-2:]).mean(axis=0) for init, p in result.heldout.items()}))
         io.write_text(CURVES, result.curves.to_csv(index=False, float_format="%.6f", lineterminator="\n"))
         io.write_text(LIFT_PER_SEED, finetuning.pair_lift_table(heldout).to_csv(
             index=False, float_format="%.6f", lineterminator="\n"))

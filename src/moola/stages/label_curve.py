@@ -2,7 +2,8 @@
 
     python -m moola.stages.label_curve
 
-Reads the label pool, the held-out windows and the selected encoder; writes metrics/label_curve.json and
+Reads the label pool, the held-out windows and the first replicate's encoder (replicates.seeds[0]; the curve's
+intervals cover fine-tuning seeds and held-out windows, not pretraining runs); writes metrics/label_curve.json and
 plots/label_curve.csv (one row per size and model: the point and its 95% interval, for `dvc plots show`).
 """
 
@@ -16,13 +17,12 @@ import pandas as pd
 from moola import io, label_curve, paths
 from moola.device import describe
 from moola.errors import DataError, run_main
-from moola.finetuning import FinetuneConfig, finetune_device, finetune_numerics
+from moola.finetuning import FinetuneConfig, finetune_device, finetune_numerics, fit_placement
 from moola.models import load_encoder_checkpoint
 from moola.numerics import attention_kernels
 from moola.params import Params, load_params
 from moola.windows import read_windows
 
-SELECTED_ENCODER = Path(paths.SELECTED_ENCODER)
 CURVE_METRICS = Path(paths.CURVE_METRICS)
 CURVE_PLOT = Path(paths.CURVE_PLOT)
 
@@ -41,14 +41,17 @@ def run(p: Params) -> None:
             io.write_text(CURVE_PLOT, pd.DataFrame(columns=["labels", "model"]).to_csv(index=False))
         return
     device = finetune_device(ft)
-    checkpoint = load_encoder_checkpoint(SELECTED_ENCODER, expect_hidden=ft.hidden_size)
+    encoder = Path(paths.replicate_dir(p.replicates.seeds[0])) / paths.REPLICATE_ENCODER
+    checkpoint = load_encoder_checkpoint(encoder, expect_hidden=ft.hidden_size)
     numerics = finetune_numerics(ft, device)
     cfg = FinetuneConfig.from_params(p, numerics)
     print(f"label pool {len(pool)} windows, held-out {len(test)}; sizes {c.sizes} x seeds {c.seeds}; "
-          f"{cfg.epochs} epochs ({cfg.freeze_epochs} frozen); device {describe(device)}", flush=True)
+          f"{cfg.epochs} epochs ({cfg.freeze_epochs} frozen); encoder {encoder}; device {describe(device)}; "
+          f"{fit_placement(ft, device)}", flush=True)
     with attention_kernels(device, ft.deterministic):
         result = label_curve.run_curve(
-            pool.values, pool.label, test.values, cfg, c.sizes, c.seeds, checkpoint.state_dict, device
+            pool.values, pool.label, test.values, cfg, c.sizes, c.seeds, checkpoint.state_dict, device,
+            workers=ft.workers, threads=ft.threads,
         )
     # Blocks of consecutive windows: the held-out windows in time order (a user's file need not be sorted).
     order = np.argsort(test.start, kind="stable")
@@ -58,6 +61,7 @@ def run(p: Params) -> None:
         "heldout_windows": len(test),
         "pool_windows": len(pool),
         "seeds": list(c.seeds),
+        "encoder": str(encoder),
         "epochs": cfg.epochs,
         "precision": numerics.ran,
         "interval": f"95% percentile hierarchical bootstrap ({ft.bootstrap} resamples) of the mean over seeds; "
