@@ -16,7 +16,7 @@ STAMP := $(VENV)/.moola-installed
 CLOUD_VENV ?= .venv-cloud
 CLOUD_STAMP := $(CLOUD_VENV)/.moola-installed
 
-.PHONY: setup tour study test cloud
+.PHONY: setup tour study deep test cloud
 
 # The stamp alone cannot tell that the venv's python was deleted, or points at a Python that is gone (a system
 # upgrade): then every target would fall through to the system Python. Checked on every call (one python start).
@@ -64,6 +64,11 @@ tour: $(STAMP)
 # runs it (README "Precision"); make study ARGS="-S pretrain.precision=fp32" for fp32's bytes, slower.
 study: $(STAMP)
 	PATH="$(abspath $(BIN)):$$PATH" moola study $(ARGS)
+
+# The answer at the spec's depth (README "Results"): exp1_baseline for 75 epochs and the budget curve to epoch 75;
+# hours on a CPU, minutes on a GPU box. Interrupted, `make deep` again resumes.
+deep: $(STAMP)
+	PATH="$(abspath $(BIN)):$$PATH" moola deep $(ARGS)
 
 # The README's test command.
 test: $(STAMP)

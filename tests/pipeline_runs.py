@@ -9,6 +9,7 @@ clone it.
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 import time
 from dataclasses import dataclass
@@ -18,7 +19,8 @@ import pytest
 import yaml
 from conftest import ROOT, deep_update, make_repo, run
 
-# Small enough that the pipeline's seventeen stages take a minute or two on 2 cores.
+# Small enough that the pipeline's twenty-one stages (conftest.TINY: two replicate@<seed> entries) take a minute or
+# two on 2 cores.
 SMALL = {
     "pretrain": {"hidden_size": 16, "decoder_hidden": 8},
     "finetune": {"hidden_size": 16, "folds": 2, "bootstrap": 50},
@@ -47,10 +49,34 @@ def md5_of(path: Path) -> str:
     return hashlib.md5(path.read_bytes()).hexdigest()
 
 
-def lock_outputs(repo: Path) -> dict[str, str]:
-    """Every output dvc.lock records (outs, metrics, plots), path -> md5 as recorded."""
+def lock_entries(repo: Path) -> dict[str, str]:
+    """Every output dvc.lock records (outs, metrics, plots), path -> md5 as recorded (`<md5>.dir` for a folder)."""
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
     return {out["path"]: out["md5"] for stage in lock["stages"].values() for out in stage.get("outs", [])}
+
+
+def dir_listing(repo: Path, md5: str) -> dict[str, str]:
+    """A folder output's files, relative path -> md5, from its listing in the repository's DVC cache (the object
+    `<md5>.dir`: a JSON list of {md5, relpath})."""
+    listing = json.loads((repo / ".dvc" / "cache" / "files" / "md5" / md5[:2] / md5[2:]).read_text())
+    return {entry["relpath"]: entry["md5"] for entry in listing}
+
+
+def lock_outputs(repo: Path) -> dict[str, str]:
+    """Every file dvc.lock records as an output, path -> md5: a folder output (a replicate's encoders) by the files
+    its listing names."""
+    files = {}
+    for path, md5 in lock_entries(repo).items():
+        if md5.endswith(".dir"):
+            files.update({f"{path}/{rel}": file_md5 for rel, file_md5 in dir_listing(repo, md5).items()})
+        else:
+            files[path] = md5
+    return files
+
+
+def lock_folders(repo: Path) -> dict[str, str]:
+    """The folder outputs dvc.lock records, path -> the md5 of their listing (`<md5>.dir`, a cache object too)."""
+    return {path: md5 for path, md5 in lock_entries(repo).items() if md5.endswith(".dir")}
 
 
 def workspace_md5s(repo: Path, paths) -> dict[str, str | None]:
@@ -100,9 +126,16 @@ class Reference:
     origin: Path  # a bare git repository holding its history and the registry tags: what a team pushes to
     code_sha: str  # the commit before the run: no dvc.lock
     results_sha: str  # the commit with the run's dvc.lock
-    outputs: dict[str, str]  # every recorded output -> md5
+    outputs: dict[str, str]  # every recorded output file -> md5 (a folder output's files one by one)
+    folders: dict[str, str]  # every folder output (data/replicates/seed<s>) -> the md5 of its listing
     repro_output: str
     seconds: float
+
+    @property
+    def objects(self) -> set[str]:
+        """Every object the run put in the DVC cache, as the remotes name them: the files' md5s and the folders'
+        listings."""
+        return set(self.outputs.values()) | set(self.folders.values())
 
 
 @pytest.fixture(scope="session")
@@ -121,6 +154,11 @@ def reference_run(tmp_path_factory) -> Reference:
     origin = base / "origin.git"
     run(["git", "clone", "-q", "--bare", str(repo), str(origin)], base)
     run(["git", "remote", "add", "origin", str(origin)], repo)
-    outputs = lock_outputs(repo)
+    outputs, folders = lock_outputs(repo), lock_folders(repo)
     assert workspace_md5s(repo, outputs) == outputs
-    return Reference(repo, origin, code_sha, results_sha, outputs, proc.stdout, seconds)
+    # The folder outputs are the replicates' (conftest.TINY: two), each its best encoder and its snapshots.
+    assert sorted(folders) == ["data/replicates/seed101", "data/replicates/seed102"]
+    for folder in folders:
+        assert {p.name for p in (repo / folder).iterdir()} == {p.rsplit("/", 1)[1] for p in outputs
+                                                               if p.startswith(folder + "/")}
+    return Reference(repo, origin, code_sha, results_sha, outputs, folders, proc.stdout, seconds)

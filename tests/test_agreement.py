@@ -27,8 +27,9 @@ def test_every_place_of_dvc_yaml_names_the_experiments_of_params_yaml():
     dvc = _load("dvc.yaml")
     stages = dvc["stages"]
     assert set(stages["pretrain"]["foreach"]) == experiments, "dvc.yaml stages.pretrain.foreach"
-    # The ablation iterates params.yaml's experiments itself.
+    # The ablation iterates params.yaml's experiments itself, the replicates its replicate seeds.
     assert stages["finetune_ablation"]["foreach"] == "${experiments}"
+    assert stages["replicate"]["foreach"] == "${replicates.seeds}"
     select_deps = stages["select"]["deps"]
     assert _experiments_in(select_deps, r"data/pretrained/(\w+)_encoder\.pt") == experiments, "select deps (encoders)"
     assert _experiments_in(select_deps, r"metrics/pretrain/(\w+)\.json") == experiments, "select deps (metrics)"
@@ -72,11 +73,20 @@ def test_moola_paths_and_dvc_yaml_name_the_same_outputs():
     templated = {
         paths.augmented("${key}"), paths.encoder("${key}"), paths.pretrain_metrics("${key}"),
         paths.pretrain_curve("${key}"), paths.ablation_metrics("${key}"),
+        # replicate iterates a list (replicates.seeds): its entries are ${item}
+        paths.replicate_dir("${item}"), paths.replicate_metrics("${item}"), paths.replicate_curve("${item}"),
         *(paths.confusion(init) for init in finetuning.NETWORK_INITS),
     }
+    # Not outputs themselves: the runtime facts' folder, the folder of the replicates' outputs (a dep, below) and a
+    # file name inside each replicate's folder.
+    not_outputs = {"RUNTIME_DIR", "REPLICATES_DIR", "REPLICATE_ENCODER"}
     constants = {value for name, value in vars(paths).items()
-                 if name.isupper() and isinstance(value, str) and name != "RUNTIME_DIR"}
+                 if name.isupper() and isinstance(value, str) and name not in not_outputs}
     assert _declared_outputs(dvc) == constants | templated
+    # The stages that read the replicates' encoders depend on the folder that holds every replicate's outputs.
+    assert paths.replicate_dir("101").startswith(paths.REPLICATES_DIR + "/")
+    readers = {name for name, stage in dvc["stages"].items() if paths.REPLICATES_DIR in stage.get("do", stage)["deps"]}
+    assert readers == {"finetune", "label_curve", "budget_curve"}
     # DVC's metrics are the headline alone (so `dvc exp show` shows the answer first); every other report is a
     # plain output, and the runtime facts are not declared at all.
     declared_metrics = [entry for stage in dvc["stages"].values()

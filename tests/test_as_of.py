@@ -318,15 +318,20 @@ def test_purged_folds_and_anywhere_through_finetune_and_the_report(reference_run
     assert report["cv"]["training_windows"] == [len(train) for train, _ in expected]
     assert sum(report["cv"]["purged_windows"]) > 0
     oof = pd.read_parquet(repo / "data/finetune/oof_predictions.parquet")
-    first_fold = oof[(oof["init"] == "pretrained") & (oof["fold"] == 0)]["window_id"].to_numpy()
-    assert np.array_equal(np.sort(first_fold), labeled.window_id[expected[0][1]])
+    first_fold = oof[(oof["init"] == "pretrained") & (oof["fold"] == 0)]
+    assert sorted(first_fold["replicate"].unique()) == ["seed101", "seed102"]
+    for _, rows in first_fold.groupby("replicate"):  # every replicate's fine-tuning on the same purged folds
+        assert np.array_equal(np.sort(rows["window_id"].to_numpy()), labeled.window_id[expected[0][1]])
     heldout = report["heldout"]
     assert heldout["warning"].startswith("data.heldout is 'anywhere'") and "optimistic" in heldout["warning"]
     assert [e["windows"] for e in heldout["by_period"]] == [100, 100, 100]
     table = run(["python", "-m", "moola.cli", "report"], repo).stdout
     assert f"WARNING: {heldout['warning']}" in table.splitlines()
     assert "Fine-tuning, out of fold (time-ordered 2-fold, training windows within 105 bars of a test window purged;" in table
-    rows = [line.split() for line in table.splitlines() if line.startswith("    ") and line.split()[0] in "123"]
+    # The period rows: after the section's two header lines, up to the blank line that ends it (other tables, the
+    # budget curve's epochs among them, have rows that start with a small number too).
+    periods = table[table.index("  by period (walk-forward"):].split("\n\n")[0].splitlines()[2:]
+    rows = [line.split() for line in periods]
     assert [r[:2] for r in rows] == [["1", "100"], ["2", "100"], ["3", "100"]]
     acc = heldout["by_period"][2]["pretrained"]["accuracy"]
     assert f"{100 * acc['point']:5.1f}% [{100 * acc['ci_low']:4.1f}, {100 * acc['ci_high']:4.1f}]".strip() in " ".join(rows[2])

@@ -123,16 +123,25 @@ def test_select_ranked_every_encoder_on_one_common_validation_set(pipeline):
     assert "Data and pipelines are up to date" in run(["dvc", "status"], pipeline).stdout
 
 
-def test_oof_predictions_cover_every_window_once_per_seed_and_init(pipeline):
+def test_oof_predictions_cover_every_window_once_per_seed_init_and_replicate(pipeline):
     p = load_params(pipeline / "params.yaml")
     labeled = read_windows(pipeline / "data/prepared/labeled_windows.parquet")
     oof = pd.read_parquet(pipeline / "data/finetune/oof_predictions.parquet")
-    assert list(oof.columns) == ["window_id", "fold", "seed", "init", "p_consolidation", "p_retracement",
-                                 "prediction", "label"]
-    assert len(oof) == 89 * len(p.finetune.seeds) * len(INITS)
+    assert list(oof.columns) == ["window_id", "fold", "seed", "replicate", "init", "p_consolidation",
+                                 "p_retracement", "prediction", "label"]
+    # The pretrained init once per pretraining replicate (its encoder), every other init once.
+    replicates = [f"seed{s}" for s in p.replicates.seeds]
+    assert replicates == ["seed101", "seed102"]
+    assert len(oof) == 89 * len(p.finetune.seeds) * (len(INITS) - 1 + len(replicates))
     assert sorted(oof["init"].unique()) == sorted(INITS)
-    counts = oof.groupby(["init", "seed", "window_id"]).size()
+    assert sorted(oof.loc[oof["init"] == "pretrained", "replicate"].unique()) == replicates
+    assert set(oof.loc[oof["init"] != "pretrained", "replicate"]) == {""}
+    counts = oof.groupby(["init", "replicate", "seed", "window_id"]).size()
     assert (counts == 1).all() and len(counts) == len(oof)
+    # Two encoders, two fine-tunings: their predictions differ.
+    pretrained = oof[oof["init"] == "pretrained"].pivot(index=["seed", "window_id"], columns="replicate",
+                                                         values="p_consolidation")
+    assert not np.allclose(pretrained["seed101"], pretrained["seed102"])
     assert set(oof["window_id"]) == set(labeled.window_id.tolist())
     truth = dict(zip(labeled.window_id.tolist(), labeled.label.tolist()))
     assert (oof["label"] == oof["window_id"].map(truth)).all()

@@ -313,7 +313,7 @@ def test_report_and_tour_name_an_unknown_params_key_first(tmp_path, monkeypatch,
     params["seeed"] = 7
     folder = report_folder(tmp_path, params)
     expected = ["error: params.yaml: unknown key 'seeed' (did you mean 'seed'? expected one of: seed, mask, scale, "
-                "data, augment, pretrain, experiments, select, finetune, curve)"]
+                "data, augment, pretrain, experiments, select, replicates, finetune, curve)"]
     assert cli_refusal(folder, ["report"], monkeypatch, capsys) == expected
     # The tour names it before `dvc exp run` starts (no dvc here: it would fail otherwise).
     assert cli_refusal(folder, ["tour"], monkeypatch, capsys) == expected

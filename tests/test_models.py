@@ -245,3 +245,12 @@ def test_an_encoder_saved_alone_loads_but_has_no_autoencoder(tmp_path):
     assert ckpt.decoder_state_dict is None
     with pytest.raises(CheckpointError, match=r"holds the encoder only .* `dvc repro -f -s pretrain@exp1_baseline`"):
         load_autoencoder(ckpt, path)
+
+
+@pytest.mark.parametrize("name", ["encoder.pt", "epoch_003.pt"])
+def test_a_damaged_replicate_checkpoint_names_its_replicate_stage(tmp_path, name):
+    path = tmp_path / "data/replicates/seed102" / name
+    save_encoder_checkpoint(path, make_encoder(hyperparams(8)), hyperparams(8), TRAINING)
+    flip_bit_in_weights(path)
+    with pytest.raises(CheckpointDamaged, match=r"`dvc repro -f -s replicate@102`"):
+        load_encoder_checkpoint(path)

@@ -27,6 +27,7 @@ pytest_plugins = ["pipeline_runs"]
 
 EXPERIMENTS = ("exp1_baseline", "exp2_conservative", "exp3_aggressive", "exp4_block_mask", "exp5_random_mask")
 RECIPES = ("warp12_x4", "warp10_x3", "warp15_x5")
+REPLICATES = ("replicate@101", "replicate@102")  # conftest.TINY's replicate seeds
 BOX_A = tuple(f"pretrain@{e}" for e in EXPERIMENTS[:3])
 BOX_B = tuple(f"pretrain@{e}" for e in EXPERIMENTS[3:])
 
@@ -38,7 +39,11 @@ def graph() -> dict[str, set[str]]:
     recipe = dict(zip(EXPERIMENTS, ("warp12_x4", "warp10_x3", "warp15_x5", "warp12_x4", "warp12_x4")))
     g.update({f"pretrain@{e}": {"prepare", f"augment@{recipe[e]}"} for e in EXPERIMENTS})
     g["select"] = {f"pretrain@{e}" for e in EXPERIMENTS}
-    g["finetune"] = {"prepare", "select"}
+    # A replicate reads select's choice and every augmented array (which one it trains on depends on the choice).
+    g.update({name: {"prepare", "select", *(f"augment@{r}" for r in RECIPES)} for name in REPLICATES})
+    g["finetune"] = {"prepare", "select", *REPLICATES}
+    g["label_curve"] = {"prepare", *REPLICATES}
+    g["budget_curve"] = {"prepare", *REPLICATES}
     g.update({f"finetune_ablation@{e}": {"prepare", f"pretrain@{e}"} for e in EXPERIMENTS})
     return g
 
@@ -56,6 +61,14 @@ def test_plan_runs_the_upstream_first_then_the_group_concurrently():
     both = make_plan(graph(), ["finetune_ablation", "pretrain"])
     assert both.parallel[:5] == plan.parallel
     assert both.waits_for["finetune_ablation@exp3_aggressive"] == {"pretrain@exp3_aggressive"}
+
+    # The replicates run concurrently once select has chosen (every pretraining run is their upstream); the two
+    # curves that read them wait for both.
+    replicates = make_plan(graph(), ["replicate"])
+    assert replicates.parallel == REPLICATES and not any(replicates.waits_for.values())
+    assert replicates.upstream[-6:] == (*plan.parallel, "select")
+    after = make_plan(graph(), ["replicate", "budget_curve", "label_curve"])
+    assert after.waits_for["budget_curve"] == after.waits_for["label_curve"] == set(REPLICATES)
 
     with pytest.raises(MoolaError, match="no stage or foreach group named 'pretrian'"):
         make_plan(graph(), ["pretrian"])
@@ -170,8 +183,8 @@ def test_box_b_reuses_box_a_runs_the_rest_and_matches_a_sequential_repro(boxes, 
     assert [_outcome(out, n) for n in BOX_B] == ["ran"] * 2
     # The rest came from the team's earlier runs: only possible if the encoders have the reference's bytes.
     rest = out.split("$ dvc repro --pull\n")[1]
-    # select, finetune, label_curve and the five ablations
-    assert stages_run(rest) == [] and rest.count("is cached - skipping run") == 3 + len(EXPERIMENTS)
+    # select, the replicates, finetune, label_curve, budget_curve and the five ablations
+    assert stages_run(rest) == [] and rest.count("is cached - skipping run") == 4 + len(REPLICATES) + len(EXPERIMENTS)
     # The same dvc.lock and the same bytes as one sequential `dvc repro`.
     assert same_lock(boxes["b"], reference_run.repo)
     assert workspace_md5s(boxes["b"], reference_run.outputs) == reference_run.outputs

@@ -123,8 +123,12 @@ def test_heldout_confusion_counts_every_models_windows(reference_run, shown, svg
     assert set(table["model"]) == set(finetuning.NETWORK_INITS + finetuning.REFERENCE_INITS)
     for model, cells in table.groupby("model"):
         assert len(cells) == 4 and cells["windows"].sum() == heldout["windows"] == 300, model
-        right = cells.loc[cells["actual"] == cells["predicted"], "windows"].sum()
-        assert right / 300 == pytest.approx(heldout[model]["accuracy"]["point"], abs=1e-6), model
+        assert cells.groupby("actual")["windows"].sum().to_dict() == heldout["class_counts"], model
+        # One fine-tuning seed (conftest.TINY): a model's ensemble is its one run, whose accuracy is the reported
+        # point. Not pretrained's: its ensemble averages both replicates, its point is the mean of their accuracies.
+        if model != "pretrained":
+            right = cells.loc[cells["actual"] == cells["predicted"], "windows"].sum()
+            assert right / 300 == pytest.approx(heldout[model]["accuracy"]["point"], abs=1e-6), model
     text = spec["spec"]["layer"][1]
     assert text["mark"]["type"] == "text" and text["encoding"]["text"]["field"] == "windows"
     assert spec["facet"]["column"]["field"] == "model" and rev_channels(spec) == {"row"}

@@ -75,17 +75,25 @@ def foreign_pickle(path: Path) -> None:
     torch.save({"state_dict": NotOurs()}, path)
 
 
-@pytest.mark.parametrize("damage", ["truncated", "foreign pickle", "empty"])
-def test_damaged_selected_encoder_stops_finetune_in_one_line(tmp_path, damage):
+# finetune reads the selected encoder (the experiment's name and validation loss), then each replicate's (the
+# weights it fine-tunes from; conftest.TINY: seeds 101 and 102).
+ENCODERS = {"selected": "data/selected/encoder.pt", "replicate": "data/replicates/seed101/encoder.pt"}
+
+
+@pytest.mark.parametrize(("which", "damage"), [("selected", "truncated"), ("selected", "foreign pickle"),
+                                               ("selected", "empty"), ("replicate", "foreign pickle")])
+def test_a_damaged_encoder_stops_finetune_in_one_line(tmp_path, which, damage):
     repo = make_repo(tmp_path / "repo", git=False)
-    encoder = repo / "data/selected/encoder.pt"
-    encoder.parent.mkdir(parents=True)
     torch.manual_seed(0)
     from moola.models import save_encoder_checkpoint
 
-    save_encoder_checkpoint(encoder, torch.nn.LSTM(4, 128, batch_first=True, bidirectional=True),
-                            {"input_size": 4, "hidden_size": 128, "num_layers": 1, "bidirectional": True},
-                            {"best_val_loss": 0.01, "best_epoch": 1, "epochs_run": 1})
+    hyperparams = {"input_size": 4, "hidden_size": 128, "num_layers": 1, "bidirectional": True,
+                   "experiment": "exp1_baseline"}
+    for path in (ENCODERS["selected"], "data/replicates/seed101/encoder.pt", "data/replicates/seed102/encoder.pt"):
+        (repo / path).parent.mkdir(parents=True, exist_ok=True)
+        save_encoder_checkpoint(repo / path, torch.nn.LSTM(4, 128, batch_first=True, bidirectional=True), hyperparams,
+                                {"best_val_loss": 0.01, "best_epoch": 1, "epochs_run": 1})
+    encoder = repo / ENCODERS[which]
     if damage == "truncated":
         encoder.write_bytes(encoder.read_bytes()[:5000])
     elif damage == "foreign pickle":
@@ -97,7 +105,7 @@ def test_damaged_selected_encoder_stops_finetune_in_one_line(tmp_path, damage):
     proc = run(["python", "-m", "moola.stages.finetune"], repo, check=False)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: data/selected/encoder.pt"), lines
+    assert len(lines) == 1 and lines[0].startswith(f"error: {ENCODERS[which]}: "), lines
     assert "this must never run" not in proc.stdout + proc.stderr
     assert not (repo / "metrics/finetune.json").exists()
     assert not (repo / "data/finetune/oof_predictions.parquet").exists()

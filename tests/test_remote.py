@@ -47,7 +47,9 @@ def s3(reference_run, s3_server: S3Server) -> S3Server:
 def test_the_bucket_holds_every_output_the_augmented_arrays_included_and_the_run_cache(s3, reference_run):
     keys = s3.keys(BUCKET, PREFIX)
     pushed = {k.split("/")[-2] + k.split("/")[-1] for k in keys if k.startswith(PREFIX + "files/md5/")}
-    assert pushed == set(reference_run.outputs.values())
+    # Every file, a replicate's folder's files and its listing (`<md5>.dir`) included.
+    assert pushed == reference_run.objects
+    assert {md5 for md5 in pushed if md5.endswith(".dir")} == set(reference_run.folders.values())
     assert {p for p in reference_run.outputs if p.startswith("data/augmented/")} == {
         f"data/augmented/{recipe}.npy" for recipe in ("warp12_x4", "warp10_x3", "warp15_x5")}
     assert any(k.startswith(PREFIX + "runs/") for k in keys), "dvc push --run-cache sent no run-cache"
@@ -76,7 +78,7 @@ def test_a_fresh_clone_pulls_every_output_with_a_plain_dvc_pull_and_has_nothing_
 
     pulled = run(pull, laptop, check=False)  # what a new user types first, no options
     assert pulled.returncode == 0, pulled.stderr
-    assert f"{len(set(reference_run.outputs.values()))} files fetched" in pulled.stdout
+    assert f"{len(reference_run.objects)} files fetched" in pulled.stdout  # DVC counts a folder's listing too
     assert workspace_md5s(laptop, reference_run.outputs) == reference_run.outputs  # the augmented arrays too
     assert "Data and pipelines are up to date" in run(["dvc", "status"], laptop).stdout
     assert stages_run(run(["dvc", "repro"], laptop).stdout) == []

@@ -128,7 +128,9 @@ def test_plumbing_list_is_the_one_dvc_yaml_states():
 
 def test_every_stage_lists_every_module_its_command_imports(project):
     stages, modules = stage_table(project), stage_modules(project)
-    assert set(stages) >= set(DATA_STAGES) and len(stages) == 18
+    # conftest.TINY's two replicate seeds: one replicate@<seed> entry each
+    replicates = {"replicate@101", "replicate@102"}
+    assert set(stages) >= set(DATA_STAGES) | replicates | {"budget_curve"} and len(stages) == 21
     for name, stage in stages.items():
         deps = set(stage["deps"])
         missing = needed_deps(project, modules[name]) - deps
@@ -141,6 +143,9 @@ def test_every_stage_lists_every_module_its_command_imports(project):
     # The loader really sees the imports (a broken discovery would make this test vacuous).
     assert {"src/moola/pretraining.py", "src/moola/masking.py", "src/moola/params.py"} <= modules["pretrain@exp1_baseline"]
     assert "src/moola/market.py" in modules["example_market"] and "src/moola/market.py" not in modules["prepare"]
+    # A replicate runs pretrain's code; the fine-tuning stages train through moola.fits.
+    assert {"src/moola/stages/pretrain.py", "src/moola/pretraining.py"} <= modules["replicate@101"]
+    assert all("src/moola/fits.py" in modules[name] for name in ("finetune", "label_curve", "budget_curve"))
 
 
 # --- dvc status and dvc repro over real runs --------------------------------------------------------------------

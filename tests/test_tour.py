@@ -32,11 +32,14 @@ SHRINK = [
     "-S", "scale.windows=0.006", "-S", "scale.epochs=0.04", "-S", "pretrain.batch_size=32",
     "-S", "pretrain.hidden_size=16", "-S", "pretrain.decoder_hidden=8", "-S", "finetune.hidden_size=16",
     "-S", "finetune.folds=2", "-S", "finetune.seeds=[1337]",
+    # The reference run's snapshots (conftest.TINY): the replicates and finetune come from the run-cache too.
+    "-S", "replicates.snapshot_epochs=[1]",
 ]
 # README, "Comparing experiments": the recipe that makes `dvc exp show` fit a terminal.
 EXP_SHOW_RECIPE = ["--only-changed", "--drop", "Created|.*/|.*_(lo|hi)$|(pretrained|scratch|logreg|majority)_"]
 # The detailed reports: plain stage outputs (cached and pushed), not DVC metrics.
-DETAILED = [paths.pretrain_metrics("exp1_baseline"), paths.SELECT_METRICS, paths.FINETUNE_METRICS, paths.CURVE_METRICS]
+DETAILED = [paths.pretrain_metrics("exp1_baseline"), paths.SELECT_METRICS, paths.replicate_metrics(101),
+            paths.FINETUNE_METRICS, paths.CURVE_METRICS, paths.BUDGET_METRICS]
 
 
 def _metric_names(entry: dict) -> set[str]:
@@ -58,9 +61,10 @@ def toured(reference_run, tmp_path_factory):
 def test_tour_runs_every_stage_through_dvc_and_prints_the_results(toured):
     repo, out = toured
     assert out.startswith("$ dvc exp run -S scale.windows=0.04")
-    assert out.splitlines()[0].endswith(" finetune label_curve")  # the tour's targets: no ablation
+    assert out.splitlines()[0].endswith(" finetune label_curve budget_curve")  # the tour's targets: no ablation
+    assert " -S replicates.seeds=[101,102] -S replicates.snapshot_epochs=[1,2] " in out.splitlines()[0]
     for stage in ["prepare", "augment@warp12_x4", "pretrain@exp1_baseline", "pretrain@exp5_random_mask", "select",
-                  "finetune", "label_curve"]:
+                  "replicate@101", "replicate@102", "finetune", "label_curve", "budget_curve"]:
         assert f"Running stage '{stage}'" in out or f"Stage '{stage}' is cached" in out or (
             f"Stage '{stage}' didn't change" in out), stage
     assert "finetune_ablation" not in out
@@ -80,6 +84,16 @@ def test_tour_runs_every_stage_through_dvc_and_prints_the_results(toured):
                              f"{m['final_val_loss']:.5f}", f"{common:.5f}"], exp
     selected = json.loads((repo / "metrics/select.json").read_text())["selected"]
     assert selected in EXPERIMENTS and f"Selected encoder: {selected}" in table
+    # The tour's two replicates of the selected experiment, and the budget curve at the snapshots (SHRINK's: after
+    # epoch 1) and the replicates' last epoch.
+    assert p.replicates.seeds == [101, 102] and p.replicates.snapshot_epochs == [1]
+    for seed in p.replicates.seeds:
+        m = json.loads((repo / paths.replicate_metrics(seed)).read_text())
+        assert (m["experiment"], m["replicate_seed"]) == (selected, seed)
+        assert f"  seed {seed:<6} {selected:<20} {m['epochs_run']:>3} epochs" in table
+    budget = json.loads((repo / paths.BUDGET_METRICS).read_text())
+    assert budget["epochs"] == p.budget_epochs(selected) and budget["replicates"] == ["seed101", "seed102"]
+    assert f"Pretraining-budget curve ({selected}): held-out lift" in table
 
     def cells(m: dict) -> list[str]:  # a fine-tuning row as the table prints it: percentages, then MCC
         keys = ("accuracy", "balanced_accuracy", *(f"recall_{c}" for c in CLASS_NAMES))
@@ -118,6 +132,8 @@ def test_mask_override_reruns_only_what_follows_the_top_level_mask(toured):
     out = run(["dvc", "exp", "run", "-S", "mask=random"], repo, timeout=1200).stdout
     ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage '")}
     assert {"pretrain@exp1_baseline", "pretrain@exp2_conservative", "pretrain@exp3_aggressive"} <= ran
+    # The replicates list the top-level mask among their params (the selected experiment may follow it).
+    assert {"replicate@101", "replicate@102"} <= ran
     assert "pretrain@exp4_block_mask" not in ran and "pretrain@exp5_random_mask" not in ran
     assert "prepare" not in ran and not any(name.startswith("augment@") for name in ran)
 
@@ -178,7 +194,7 @@ def test_mask_override_reruns_only_what_follows_the_top_level_mask(toured):
     # its picture tells them apart: the legend or the facet headers name both revisions.
     plots = json.loads(run(["dvc", "plots", "diff", "HEAD", "--json"], repo).stdout)
     declared = yaml.safe_load((repo / "dvc.yaml").read_text())["plots"]
-    assert not plots.get("errors") and len(plots["data"]) == len(declared) == 10
+    assert not plots.get("errors") and len(plots["data"]) == len(declared) == 13
     for name, entries in plots["data"].items():
         spec = entries[0]["content"]
         assert {v["rev"] for v in spec["data"]["values"]} == {"HEAD", "workspace"}, name

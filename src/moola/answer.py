@@ -74,6 +74,8 @@ def headline(finetune_report: dict, encoder: str, encoder_val_loss: float | None
                 out |= _interval(f"oof_lift_{m}", lift[metric])
         out["oof_lift_covers"] = _covers(lift, OOF_COVERS)
     out["selected_encoder"] = encoder
+    if finetune_report.get("replicates_of"):  # what the pretrained row's encoders are runs of
+        out["replicates_of"] = finetune_report["replicates_of"]
     if encoder_val_loss is not None:
         out["selected_val_loss"] = loss(encoder_val_loss)
     out["test_windows"] = int(heldout.get("windows") or 0)

@@ -122,6 +122,9 @@ def _stage_that_writes(path: Path) -> str:
     """The DVC stage that writes a checkpoint at `path` (by the pipeline's file names), for restore advice."""
     if path.name == "encoder.pt" and path.parent.name == "selected":
         return "select"
+    replicate = re.fullmatch(r"seed(\d+)", path.parent.name)
+    if replicate and path.parent.parent.name == "replicates":  # encoder.pt and the epoch_<e>.pt snapshots
+        return f"replicate@{replicate.group(1)}"
     found = re.fullmatch(r"(.+)_encoder\.pt", path.name)
     return f"pretrain@{found.group(1)}" if found else "<the stage that writes it>"
 

@@ -176,6 +176,9 @@ class ReplicateParams:
 
     # One run per seed (initialisation, masks, batch order); none of them is the seed the selection run used.
     seeds: list[int] = _f([101, 102, 103])
+    # Which experiment the replicates run: `selected` (select's choice), or an experiment named outright (`moola
+    # deep` pins exp1_baseline, the reference document's recommendation, whatever select would pick).
+    experiment: str = "selected"
     # 0: the selected experiment's epochs (after scale.epochs). A number: that many, whichever is selected (the
     # study trains its replicates longer than its selection runs).
     epochs: int = _f(0, min=0)
@@ -200,8 +203,8 @@ class FinetuneParams:
     class_weighted: bool = True
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     # Torch threads per fit, and (CPU only) fits trained at once in worker processes (moola.fits). A fit's bytes
-    # depend on its threads, not on the workers: 2 workers of 1 thread train 1.6x as many fits an hour as 1 of 2
-    # on 2 cores (BENCHMARKS.md).
+    # depend on its threads, not on the workers. On this project's 2-vCPU machine 2 workers of 1 thread train as
+    # many fits a minute as 1 of 2 threads (BENCHMARKS.md); more real cores can take more workers.
     threads: int = _f(1, positive=True)
     workers: int = _f(2, positive=True)
     # CUDA: deterministic cuDNN and the math SDPA kernel for the attention; TF32 as in pretrain.tf32.
@@ -261,13 +264,17 @@ class Params:
     def all_experiments(self) -> list[Experiment]:
         return [self.experiment(name) for name in self.experiments]
 
-    def replicate_epochs(self, selected: str) -> int:
-        """Epochs of every replicate run when `selected` is the selected experiment."""
-        return self.replicates.epochs or self.experiment(selected).epochs
+    def replicated(self, selected: str) -> str:
+        """The experiment the replicates run when select chose `selected` (replicates.experiment)."""
+        return selected if self.replicates.experiment == "selected" else self.replicates.experiment
 
-    def budget_epochs(self, selected: str) -> list[int]:
+    def replicate_epochs(self, replicated: str) -> int:
+        """Epochs of every replicate run of the experiment `replicated`."""
+        return self.replicates.epochs or self.experiment(replicated).epochs
+
+    def budget_epochs(self, replicated: str) -> list[int]:
         """The pretraining-budget curve's points: the snapshot epochs and the replicates' last epoch."""
-        return sorted({*self.replicates.snapshot_epochs, self.replicate_epochs(selected)})
+        return sorted({*self.replicates.snapshot_epochs, self.replicate_epochs(replicated)})
 
     @property
     def unlabeled_windows(self) -> int:
@@ -441,6 +448,9 @@ def _cross_checks(p: Params) -> None:
 
 def _check_replicates(p: Params) -> None:
     r = p.replicates
+    if r.experiment != "selected" and r.experiment not in p.experiments:
+        raise ParamsError(f"{PARAMS_FILE}: replicates.experiment '{r.experiment}' is not an experiment (expected "
+                          f"selected or one of: {', '.join(p.experiments)})")
     if len(set(r.seeds)) != len(r.seeds):
         raise ParamsError(f"{PARAMS_FILE}: replicates.seeds must be distinct, got {r.seeds}")
     snaps = r.snapshot_epochs
@@ -450,6 +460,9 @@ def _check_replicates(p: Params) -> None:
     # Whichever experiment select picks, its replicates reach every snapshot.
     if r.epochs:
         most, why = r.epochs, f"replicates.epochs ({r.epochs})"
+    elif r.experiment != "selected":
+        most = p.experiment(r.experiment).epochs
+        why = f"the {most} epochs of {r.experiment} (replicates.experiment; replicates.epochs: 0 runs its own)"
     else:
         shortest = min(p.all_experiments(), key=lambda exp: exp.epochs)
         most, why = shortest.epochs, (f"the {shortest.epochs} epochs of {shortest.name}, the shortest experiment "

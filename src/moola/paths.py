@@ -45,7 +45,7 @@ OOF_PREDICTIONS = "data/finetune/oof_predictions.parquet"
 FINETUNE_METRICS = "metrics/finetune.json"
 FINETUNE_CURVES = "plots/finetune/curves.csv"
 FINETUNE_LIFT_PER_SEED = "plots/finetune/lift_per_seed.csv"  # one row per (lift, replicate, seed) pair
-confusion = "plots/finetune/confusion_{}.csv".format  # out of fold, first seed
+confusion = "plots/finetune/confusion_{}.csv".format  # out of fold, first seed (and first replicate)
 HELDOUT_CONFUSION = "plots/finetune/heldout_confusion.csv"  # every model's held-out counts
 
 # finetune_ablation@<experiment>

@@ -49,9 +49,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def confusion_csv(predictions: pd.DataFrame, init: str, seed: int) -> str:
-    """One row per out-of-fold prediction of the first seed (so the counts sum to the number of windows)."""
-    rows = predictions[(predictions["init"] == init) & (predictions["seed"] == seed)]
+def confusion_csv(predictions: pd.DataFrame, init: str, seed: int, replicate: str) -> str:
+    """One row per out-of-fold prediction of the first seed and, for the pretrained row, the first replicate's
+    encoder (so the counts sum to the number of windows)."""
+    rows = predictions[(predictions["init"] == init) & (predictions["seed"] == seed)
+                       & predictions["replicate"].isin(["", replicate])]
     names = np.array(CLASS_NAMES)
     frame = pd.DataFrame({"actual": names[rows["label"].to_numpy()], "predicted": names[rows["prediction"].to_numpy()]})
     return frame.to_csv(index=False, lineterminator="\n")
@@ -91,16 +93,16 @@ def heldout_confusion_csv(labels: np.ndarray, proba: dict[str, np.ndarray]) -> s
     return frame.to_csv(index=False, lineterminator="\n")
 
 
-def replicate_encoders(p: Params, selected: str) -> dict[str, dict]:
-    """replicate name -> its encoder's weights, one per replicates.seeds, each checked to be a run of `selected`."""
+def replicate_encoders(p: Params, replicated: str) -> dict[str, dict]:
+    """replicate name -> its encoder's weights, one per replicates.seeds, each checked to be a run of `replicated`."""
     encoders = {}
     for seed in p.replicates.seeds:
         path = Path(paths.replicate_dir(seed)) / paths.REPLICATE_ENCODER
         checkpoint = load_encoder_checkpoint(path, expect_hidden=p.finetune.hidden_size)
         made_from = checkpoint.hyperparams.get("experiment")
-        if made_from != selected:
-            raise DataError(f"{path}: a replicate of '{made_from}', but select chose '{selected}'; it is stale: run "
-                            f"`dvc repro replicate`")
+        if made_from != replicated:
+            raise DataError(f"{path}: a replicate of '{made_from}', but the replicates should run '{replicated}'; "
+                            f"it is stale: run `dvc repro replicate`")
         encoders[f"seed{seed}"] = checkpoint.state_dict
     return encoders
 
@@ -126,7 +128,7 @@ def run(p: Params, encoder: Path, ablation: str | None) -> None:
     if ablation:
         encoders = {ablation: checkpoint.state_dict}
     else:
-        encoders = replicate_encoders(p, str(checkpoint.hyperparams.get("experiment", "")))
+        encoders = replicate_encoders(p, p.replicated(str(checkpoint.hyperparams.get("experiment", ""))))
     numerics = finetuning.finetune_numerics(ft, device)
     cfg = finetuning.FinetuneConfig.from_params(p, numerics)
     inits = ("pretrained",) if ablation else ALL_INITS
@@ -194,6 +196,9 @@ def run(p: Params, encoder: Path, ablation: str | None) -> None:
         "criteria": success_criteria(summary["pretrained"]),
         "criteria_scored": criteria_scored(len(labeled)),
         "selected_encoder": selected,
+        # The experiment the pretrained row's encoders are runs of (replicates.experiment: select's choice or pinned)
+        "replicates_of": p.replicated(selected),
+        "replicates": list(encoders),
         **common,
     }
     for name, lift in lifts.items():
@@ -202,7 +207,7 @@ def run(p: Params, encoder: Path, ablation: str | None) -> None:
     with io.written_together():  # all of them or none: a failed run leaves no plots without their metrics
         io.write_parquet(OOF_PREDICTIONS, result.predictions)
         for init, path in CONFUSION.items():
-            io.write_text(path, confusion_csv(result.predictions, init, ft.seeds[0]))
+            io.write_text(path, confusion_csv(result.predictions, init, ft.seeds[0], next(iter(encoders))))
         # Each model's ensemble (every fold model of every seed) on the held-out windows, as counts per cell.
         io.write_text(HELDOUT_CONFUSION, heldout_confusion_csv(
             test.label if result.heldout else [],

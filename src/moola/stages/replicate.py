@@ -2,8 +2,8 @@
 
     python -m moola.stages.replicate --seed 101
 
-The experiment is the one select chose (metrics/select.json); its settings come from params.yaml, its epochs from
-replicates.epochs (0: the experiment's own). The seed decides the initialisation, the masks and the batch order:
+The experiment is the one select chose (metrics/select.json), or the one replicates.experiment names; its settings
+come from params.yaml, its epochs from replicates.epochs (0: the experiment's own). The seed decides the initialisation, the masks and the batch order:
 the runs differ in nothing else, so the spread of the answer across them is the spread of pretraining itself.
 Writes data/replicates/seed<seed>/ (encoder.pt, the best validation epoch's as pretrain keeps it, and
 epoch_<e>.pt, the encoder as it is after epoch e, for each of replicates.snapshot_epochs and the last epoch),
@@ -48,9 +48,9 @@ def selected_experiment(p: Params, select_report: Path = Path(paths.SELECT_METRI
     return chosen
 
 
-def replicate_experiment(p: Params, selected: str) -> Experiment:
-    """The selected experiment as a replicate runs it (replicates.epochs)."""
-    return dataclasses.replace(p.experiment(selected), epochs=p.replicate_epochs(selected))
+def replicate_experiment(p: Params, replicated: str) -> Experiment:
+    """The replicated experiment as a replicate runs it (replicates.epochs)."""
+    return dataclasses.replace(p.experiment(replicated), epochs=p.replicate_epochs(replicated))
 
 
 def snapshot_training(history: list[tuple[int, float, float]], epoch: int) -> dict:
@@ -76,9 +76,9 @@ def main(argv: list[str] | None = None) -> None:
     p = load_params()
     if args.seed not in p.replicates.seeds:
         raise ParamsError(f"--seed {args.seed}: not one of replicates.seeds in {PARAMS_FILE} ({p.replicates.seeds})")
-    selected = selected_experiment(p)
-    exp = replicate_experiment(p, selected)
-    snapshots = p.budget_epochs(selected)
+    replicated = p.replicated(selected_experiment(p))
+    exp = replicate_experiment(p, replicated)
+    snapshots = p.budget_epochs(replicated)
     augmented = Path(paths.augmented(exp.train.augment))
 
     windows, val = read_unlabeled(UNLABELED, p.data.window)
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
     if not np.isfinite(train).all():
         raise DataError(f"{augmented}: holds NaN or infinite values (expected finite normalised prices)")
     device = pick_device(exp.train.device)
-    log_line(f"replicate seed {args.seed} of {selected}: {exp.epochs} epochs on {len(train):,} samples "
+    log_line(f"replicate seed {args.seed} of {replicated}: {exp.epochs} epochs on {len(train):,} samples "
              f"({exp.train.augment}), mask {exp.mask}, snapshots after epochs {snapshots}, device {device.type}")
     name = f"replicate_seed{args.seed}"
     fingerprint = resume_fingerprint(
