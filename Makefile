@@ -61,7 +61,7 @@ tour: $(STAMP)
 	PATH="$(abspath $(BIN)):$$PATH" moola tour $(ARGS)
 
 # The CPU study (README "Results"): under an hour on 2 cores, setup included; it pretrains in bf16 where the CPU
-# runs it (README "Precision"); make study ARGS="-S pretrain.precision=fp32" for fp32's bytes, slower.
+# runs it (docs/precision.md); make study ARGS="-S pretrain.precision=fp32" for fp32's bytes, slower.
 study: $(STAMP)
 	PATH="$(abspath $(BIN)):$$PATH" moola study $(ARGS)
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # What runs on a GPU box, written once: scripts/runpod.sh (a box reached over SSH) and sky/train.yaml (a box that
-# SkyPilot provisions) both call this, in the repository's root on the box (README, "Training on a GPU box").
+# SkyPilot provisions) both call this, in the repository's root on the box (docs/gpu-box-and-remote.md).
 #
 #   scripts/box.sh [options] STEP...      the steps run in the order given, and the first that fails stops it
 #

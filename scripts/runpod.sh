@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Train on a GPU box over SSH, the DVC way (README, "Training on a GPU box").
+# Train on a GPU box over SSH, the DVC way (docs/gpu-box-and-remote.md).
 #
 #   scripts/runpod.sh [options] [user@host] [port] [key]
 #
@@ -38,7 +38,7 @@ Options:
                    RunPod's persistent volume; the container disk, and ~, are wiped when the pod stops)
   --python PATH    a Python on the box that already has moola's dependencies (default: <dir>/.venv, made there)
   --only "STAGES"  this box's share: run only these stages (e.g. "pretrain@exp1_baseline pretrain@exp2_conservative"),
-                   not the rest of the pipeline (README, "More than one box")
+                   not the rest of the pipeline (docs/gpu-box-and-remote.md, "More than one box")
   --attach         only follow a run already started, then bring its results home (steps 7-8)
   --no-fetch       leave the results on the box and the remote (skip step 8)
   --on-box         (on the box) the box's share: scripts/box.sh train (parallel run, dvc push, results commit)

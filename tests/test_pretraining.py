@@ -184,7 +184,7 @@ def test_killed_run_resumes_to_identical_bytes(tmp_path):
 # tensor bytes, in state_dict order) and every epoch's losses as float.hex(). 70 windows in batches of 16: the
 # last batch is partial. The same values came out with threads=2.
 #
-# fp32 bytes are promised per CPU type (README "Guarantees"): oneDNN and MKL pick their kernels by the CPU, so the
+# fp32 bytes are promised per CPU type (docs/guarantees.md): oneDNN and MKL pick their kernels by the CPU, so the
 # last bits differ between CPU types. Two sets are recorded. Set "a" is 5bd7bb5's, first recorded on an AMD EPYC with
 # AVX2 only; an Intel Xeon with AVX512-BF16 and AMX (torch capability AVX512) gave the same bytes on 2026-12-06.
 # Set "b" was recorded on an AMD EPYC Zen 5 (avx512f, avx512_bf16, no AMX) from this loop, after checking that the

@@ -1,6 +1,6 @@
 """The laptop tour and the experiment workflow of the README, through real `dvc exp run` at a tiny scale:
 `moola tour`, then `dvc exp run -S mask=random`, `dvc metrics diff`, `dvc params diff` and `dvc exp show`
-(README, "Comparing experiments": the headline first, the detail one step away).
+(docs/experiments.md, "Comparing experiments": the headline first, the detail one step away).
 
 The tour starts from a copy of the session's reference run (pipeline_runs: every stage really trained), shrunk
 by -S to that run's params, so DVC restores its stages from the run-cache instead of training them again; the
@@ -35,7 +35,7 @@ SHRINK = [
     # The reference run's snapshots (conftest.TINY): the replicates and finetune come from the run-cache too.
     "-S", "replicates.snapshot_epochs=[1]",
 ]
-# README, "Comparing experiments": the recipe that makes `dvc exp show` fit a terminal.
+# docs/experiments.md, "Comparing experiments": the recipe that makes `dvc exp show` fit a terminal.
 EXP_SHOW_RECIPE = ["--only-changed", "--drop", "Created|.*/|.*_(lo|hi)$|(pretrained|scratch|logreg|majority)_"]
 # The detailed reports: plain stage outputs (cached and pushed), not DVC metrics.
 DETAILED = [paths.pretrain_metrics("exp1_baseline"), paths.SELECT_METRICS, paths.replicate_metrics(101),

@@ -4,7 +4,7 @@ A crash or a kill at any moment leaves either the old file or the new one, never
 refuses (disk full, read-only folder, quota) is an `OutputError` naming the path and what was being written, and
 leaves nothing behind.
 
-Binary outputs that a later stage trusts verify themselves (see README, "Guarantees"): parquet files carry
+Binary outputs that a later stage trusts verify themselves (see docs/guarantees.md): parquet files carry
 per-page CRC checksums (`write_page_checksum`), and .npy arrays end with a sha256 trailer (`NPY_TRAILER`).
 """
 

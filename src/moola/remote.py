@@ -11,7 +11,7 @@ repository recorded for that version, and only then moves it into place; a misma
     python -m moola.remote get ../moola exp4-block-mask-encoder --rev v0.0.1 -o encoders/
 
 To pull a run's files, a plain `dvc pull` does the job: every output is pushed, and with `verify = true` a
-missing or corrupted object makes it exit 1 naming the file (README, "Remotes").
+missing or corrupted object makes it exit 1 naming the file (docs/gpu-box-and-remote.md, "Remotes").
 """
 
 from __future__ import annotations

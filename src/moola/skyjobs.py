@@ -4,7 +4,7 @@ Prints one `sky jobs launch` command per experiment of params.yaml (or per --per
 sky/train.yaml with MOOLA_ONLY set to its `pretrain@<experiment>` stages, on spot boxes that SkyPilot recovers
 after a preemption and tears down when the job ends. Each box pushes its outputs and run-cache to the shared
 remote; then, where you are, `dvc repro --pull` restores every encoder from the run-cache and runs the rest
-(select, finetune, label_curve). README, "More than one box".
+(select, finetune, label_curve). docs/gpu-box-and-remote.md, "More than one box".
 
     python -m moola.skyjobs                 # the commands, one per line
     python -m moola.skyjobs | bash          # launch them (detached: each returns once its job is submitted)

@@ -126,7 +126,7 @@ def read_bars(path: str | Path) -> pd.DataFrame:
     """Read bars from .parquet or .csv and validate them (see `validate_bars`)."""
     path = Path(path)
     if not path.exists():
-        raise DataError(f"{path}: not found (params.yaml data.bars names it; see README, 'Data format')")
+        raise DataError(f"{path}: not found (params.yaml data.bars names it; see docs/data-format.md)")
     _refuse_directory(path, "data.bars")
     try:
         if path.suffix == ".parquet":
@@ -294,7 +294,7 @@ def read_label_table(path: str | Path, key: str = "data.labels") -> pd.DataFrame
     """labels.csv as read, unchecked (match_labels checks it against the bars)."""
     path = Path(path)
     if not path.exists():
-        raise DataError(f"{path}: not found (params.yaml {key} names it; see README, 'Data format')")
+        raise DataError(f"{path}: not found (params.yaml {key} names it; see docs/data-format.md)")
     _refuse_directory(path, key)
     try:
         return read_csv_file(path)

@@ -1,6 +1,6 @@
 """Stage example_market: the built-in seeded market -> data/example/bars.parquet, labels.csv and test_labels.csv.
 
-The files have the format of a user's own (README, "Data format"), so that prepare reads either the same way:
+The files have the format of a user's own (docs/data-format.md), so that prepare reads either the same way:
 params.yaml's data.bars and data.labels point at these by default.
 """
 

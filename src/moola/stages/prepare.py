@@ -1,7 +1,7 @@
 """Stage prepare: the bars and labels files named by params (data.bars, data.labels, data.test_labels) ->
 data/prepared windows (moola.preparation does the work).
 
-The files are a user's own (see README, "Data format") or the example market's, which the example_market stage
+The files are a user's own (see docs/data-format.md) or the example market's, which the example_market stage
 writes in the same format; dvc.yaml lists whichever files params name as this stage's deps.
 """
 
