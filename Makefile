@@ -16,7 +16,7 @@ STAMP := $(VENV)/.moola-installed
 CLOUD_VENV ?= .venv-cloud
 CLOUD_STAMP := $(CLOUD_VENV)/.moola-installed
 
-.PHONY: setup tour study deep test cloud
+.PHONY: setup tour study deep test test-fast cloud
 
 # The stamp alone cannot tell that the venv's python was deleted, or points at a Python that is gone (a system
 # upgrade): then every target would fall through to the system Python. Checked on every call (one python start).
@@ -73,3 +73,7 @@ deep: $(STAMP)
 # The README's test command.
 test: $(STAMP)
 	PATH="$(abspath $(BIN)):$$PATH" python -m pytest -q $(ARGS)
+
+# The unit tests alone (no DVC run, no repository copy): the loop to run while editing.
+test-fast: $(STAMP)
+	PATH="$(abspath $(BIN)):$$PATH" python -m pytest -q -m "not integration and not slow" $(ARGS)

@@ -12,8 +12,9 @@ with time.perf_counter (accelerators synchronised before each clock read); the c
 loop take turns within each repeat, so a change in the machine's load hits all of them alike. Shapes are the
 spec's whatever params.yaml's `scale` says. metrics/bench.json describes this machine: it is not a DVC output.
 
-Not part of the moola package: it times the package's own functions (the bare LSTM, its workers and the machine
-record come from moola.throughput, which `moola doctor` uses too). harness: settings, repeats, timing;
+Not part of the moola package, which measures nothing: it times the package's own functions, and `moola doctor`
+runs it (`python -m benchmarks --no-dvc`) from a checkout for a GPU box's speed. throughput: the bare LSTM, its
+workers sharing a device, random-walk windows and the machine record; harness: settings, repeats, timing;
 measure_training, measure_data, measure_dvc: the measurements; report: the estimate, the table and the JSON;
-repo_copy: the temporary repository (shared with tests/conftest.py); __main__: the run, top to bottom.
+__main__: the run, top to bottom. The DVC timings borrow the tests' temporary repository (tests/repo_copy.py).
 """

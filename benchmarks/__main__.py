@@ -24,9 +24,9 @@ from benchmarks.measure_training import (
     loop_experiment,
 )
 from benchmarks.report import spec_estimate, write_report
+from benchmarks.throughput import REPORT_FORMAT, machine_info
 from moola.errors import run_main
 from moola.params import ScaleParams, load_params
-from moola.throughput import REPORT_FORMAT, machine_info
 from moola.windows import chronological_split
 
 
@@ -46,7 +46,8 @@ def run_bench(argv: list[str] | None = None, root: Path = Path(".")) -> dict:
         "machine": machine_info(s.device),
         "settings": {"batch_size": s.batch_size, "steps": s.steps, "repeats": s.repeats, "warmup": s.warmup,
                      "window": p.data.window, "hidden_size": p.pretrain.hidden_size, "threads": s.threads,
-                     "precision": s.precision, "device": s.device.type, "windows_scale": s.windows_scale},
+                     "precision": s.precision, "tf32": loop_experiment(p, s).train.tf32, "device": s.device.type,
+                     "windows_scale": s.windows_scale},
     }
     say = (lambda msg: None) if s.quick else (lambda msg: print(msg, file=sys.stderr, flush=True))
     say("bench: prepare and augment ...")

@@ -6,10 +6,10 @@ from __future__ import annotations
 import numpy as np
 
 from benchmarks.harness import Settings, timed
+from benchmarks.throughput import SPEC_EXPERIMENT, median
 from moola.augment import augment_windows
 from moola.params import FEATURES, Params
 from moola.stages.augment import augment_arguments
-from moola.throughput import SPEC_EXPERIMENT, median
 from moola.windows import cut_windows, normalise
 
 

@@ -9,12 +9,24 @@ import time
 from pathlib import Path
 
 from benchmarks.harness import Settings
-from benchmarks.repo_copy import make_repo, run
-from moola.throughput import median
+from benchmarks.throughput import median
+
+TESTS = Path(__file__).resolve().parents[1] / "tests"
+
+
+def _repo_copy():
+    """tests/repo_copy.py: the tests' temporary repository, which these timings borrow. Imported from this
+    checkout's tests/ as conftest imports it (a `tests` package installed elsewhere cannot stand in for it), and
+    only when DVC is timed (--no-dvc, as `moola doctor` runs the benchmark, never reads tests/)."""
+    if str(TESTS) not in sys.path:
+        sys.path.insert(0, str(TESTS))
+    import repo_copy
+
+    return repo_copy
 
 
 def _dvc(repo: Path, *args: str) -> subprocess.CompletedProcess:
-    return run([sys.executable, "-m", "dvc", *args], repo, timeout=None)
+    return _repo_copy().run([sys.executable, "-m", "dvc", *args], repo, timeout=None)
 
 
 def bench_dvc(s: Settings) -> dict:
@@ -23,7 +35,7 @@ def bench_dvc(s: Settings) -> dict:
         # The example market's files, whatever this workspace's params point prepare at.
         overrides = {"scale": {"windows": s.windows_scale},
                      "data": {"bars": "data/example/bars.parquet", "labels": "data/example/labels.csv"}}
-        repo = make_repo(Path(tmp) / "repo", overrides)
+        repo = _repo_copy().make_repo(Path(tmp) / "repo", overrides)
         began = time.perf_counter()
         _dvc(repo, "repro", "prepare", "augment")
         build = time.perf_counter() - began

@@ -21,13 +21,12 @@ import time
 import numpy as np
 import torch
 
+from benchmarks.throughput import machine_info, median, synthetic_windows
 from moola import io
-from moola.doctor import synthetic_windows
 from moola.errors import run_main
 from moola.finetuning import FinetuneConfig
 from moola.fits import Fit, Shared, run_fits
 from moola.params import load_params
-from moola.throughput import machine_info, median
 
 # (workers, threads per fit)
 ARRANGEMENTS = ((1, 2), (1, 1), (2, 1))

@@ -7,7 +7,8 @@ seconds per fold-epoch, the two precisions taking turns within each repeat (a ch
 bf16 is what `precision: bf16` really runs here (moola.numerics decides by running a tiny LSTM): where it falls
 back to fp32 the JSON says so and no bf16 figure is claimed. Inputs are random-walk windows of the spec's shape
 (the loop's speed does not depend on the values); exp1_baseline's model, mask and learning rate; params.yaml's
-threads. Writes metrics/bench_precision.json (machine-specific, git-ignored) and prints one line per figure.
+threads. Writes metrics/bench_precision.json (machine-specific, git-ignored) and prints one line per figure, and
+for each batch size the `pretrain.precision` it recommends here (bf16 only where it runs and is clearly faster).
 """
 
 from __future__ import annotations
@@ -22,15 +23,30 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks.throughput import SPEC_EXPERIMENT, machine_info, median, synthetic_windows
 from moola import io
 from moola.device import use_threads
-from moola.doctor import synthetic_windows
 from moola.errors import MoolaError, run_main
 from moola.numerics import decide
 from moola.params import load_params
-from moola.throughput import SPEC_EXPERIMENT, machine_info, median
 
 PRECISIONS = ("fp32", "bf16")
+# bf16 is recommended on a CPU only when it is clearly faster: a smaller gain is inside a 2-core box's noise and
+# does not pay for giving up fp32's bytes.
+BF16_MIN_SPEEDUP = 1.25
+
+
+def cpu_bf16_advice(available: bool, fp32: float | None, bf16: float | None) -> tuple[str, str]:
+    """(setting, one line) for pretrain.precision on a CPU, from whether bf16 runs and the loop's two rates."""
+    if not available:
+        return "fp32", "bf16 does not run on this CPU: keep precision fp32 (the default)"
+    assert fp32 and bf16
+    speedup = bf16 / fp32
+    if speedup >= BF16_MIN_SPEEDUP:
+        return "bf16", (f"bf16 trains {speedup:.2f}x as fast here: -S pretrain.precision=bf16 for speed; fp32 "
+                        "(the default) where the weights must match another fp32 run's bytes")
+    return "fp32", (f"bf16 runs but only {speedup:.2f}x as fast (< {BF16_MIN_SPEEDUP}x): keep precision fp32 "
+                    "(the default)")
 
 
 def loop_rate(train: np.ndarray, val: np.ndarray, exp, seed: int, device: torch.device) -> dict:
@@ -67,6 +83,8 @@ def bench_loop(p, batch_sizes: list[int], samples: int, repeats: int, window: in
         if entry["bf16"]["ran"] == "bf16":
             entry["speedup"] = entry["bf16"]["samples_per_second"] / entry["fp32"]["samples_per_second"]
             entry["speedup_runs"] = [b / f for b, f in zip(entry["bf16"]["runs"], entry["fp32"]["runs"])]
+        entry["recommended"], entry["advice"] = cpu_bf16_advice(
+            entry["bf16"]["ran"] == "bf16", entry["fp32"]["samples_per_second"], entry["bf16"]["samples_per_second"])
         out[str(batch)] = entry
     return out
 
@@ -126,6 +144,7 @@ def run(argv: list[str] | None = None, root: Path = Path(".")) -> dict:
             f"bf16 ({e['bf16']['ran']} ran) {e['bf16']['samples_per_second']:,.0f} {_runs(e['bf16']['runs'])}"
             + (f": {e['speedup']:.2f}x" if "speedup" in e else "")
             + f"; val loss after 1 epoch fp32 {e['fp32']['val_loss']:.5f}, bf16 {e['bf16']['val_loss']:.5f}")
+        say(f"  recommended at batch {batch}: precision {e['recommended']}: {e['advice']}")
     if args.finetune_epochs:
         report["finetune"] = f = bench_finetune(p, args.finetune_epochs, args.repeats, p.data.window, device)
         say(f"fine-tuning, one fold ({f['fold_windows']} windows, batch {f['batch_size']}): fp32 "

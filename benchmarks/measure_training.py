@@ -11,11 +11,7 @@ import numpy as np
 import torch
 
 from benchmarks.harness import Settings, timed
-from moola.errors import MoolaError
-from moola.masking import make_mask
-from moola.models import BiLSTMMaskedAutoencoder, masked_mse
-from moola.params import FEATURES, Params
-from moola.throughput import (
+from benchmarks.throughput import (
     SPEC_EXPERIMENT,
     TARGET_RATIO,
     Stepper,
@@ -26,6 +22,10 @@ from moola.throughput import (
     start_workers,
     sync,
 )
+from moola.errors import MoolaError
+from moola.masking import make_mask
+from moola.models import BiLSTMMaskedAutoencoder, masked_mse
+from moola.params import FEATURES, Params
 
 
 def model_stepper(batch: int, window: int, exp, device: torch.device, precision: str,
@@ -78,6 +78,7 @@ def loop_epoch(train: np.ndarray, val: np.ndarray, exp, seed: int, device: torch
         # Validation over the whole validation split, plus the call's setup (model, masks, tensors).
         "other_seconds": wall - result.seconds,
         "precision": result.precision,
+        "lstm_dtype": result.numerics["lstm_dtype"],  # what the LSTM really computed in (moola.numerics)
         "val_loss": result.history[-1][2],
     }
 
@@ -91,6 +92,8 @@ def bench_training(p: Params, s: Settings, train: np.ndarray, val: np.ndarray) -
         raise MoolaError(f"--steps {s.steps} x --batch-size {s.batch_size} needs {needed} training samples, "
                          f"the augmented data has {len(train)}")
     loop_train = train[:needed]
+    if s.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(s.device)
     # Warm-up: the loop first, so that the ceiling runs in the precision the loop really uses.
     warm = loop_epoch(train[: max(1, s.warmup) * s.batch_size], val, exp, p.seed, s.device)
     precision = warm["precision"]
@@ -107,10 +110,12 @@ def bench_training(p: Params, s: Settings, train: np.ndarray, val: np.ndarray) -
         run = loop_epoch(loop_train, val, exp, p.seed, s.device)
         rates["loop"].append(run["samples_per_second"])
         other.append(run["other_seconds"])
+    peak = torch.cuda.max_memory_allocated(s.device) / 2**20 if s.device.type == "cuda" else None
     paired = [loop / bare for loop, bare in zip(rates["loop"], rates["bare"])]
     paired_model = [loop / model for loop, model in zip(rates["loop"], rates["model"])]
     return {
         "precision": precision,
+        "lstm_dtype": warm["lstm_dtype"],
         "bare_lstm": {"samples_per_second": median(rates["bare"]), "runs": rates["bare"]},
         "model": {"samples_per_second": median(rates["model"]), "runs": rates["model"]},
         "loop": {
@@ -124,6 +129,7 @@ def bench_training(p: Params, s: Settings, train: np.ndarray, val: np.ndarray) -
         "ratio_loop_to_model": median(paired_model),
         "target_ratio": TARGET_RATIO,
         "target_met": median(paired) >= TARGET_RATIO,
+        "peak_gpu_memory_mib": peak,  # of the three in this process; None off CUDA
     }
 
 

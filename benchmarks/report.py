@@ -5,10 +5,10 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from benchmarks.throughput import TARGET_RATIO
 from moola import io
 from moola.finetuning import NETWORK_INITS
 from moola.params import Params, ScaleParams
-from moola.throughput import TARGET_RATIO
 
 
 def spec_estimate(p: Params, loop_sps: float, epoch_other_s: float, finetune_epoch_s: float,
@@ -63,7 +63,8 @@ def format_table(r: dict) -> str:
         f"machine: {m['cpu']}, {m['cpu_cores']} cores, torch {m['torch']}, device {m['device']}, "
         f"load {m['load_average_at_start'][0]} at start",
         f"shapes: batch {st['batch_size']} x {st['window']} steps x 4 -> 2 x {st['hidden_size']} (bidirectional), "
-        f"{st['steps']} steps x {st['repeats']} repeats after {st['warmup']} warm-up, precision {t['precision']}",
+        f"{st['steps']} steps x {st['repeats']} repeats after {st['warmup']} warm-up, precision {t['precision']} "
+        f"(LSTM in {t.get('lstm_dtype')}), tf32 {st.get('tf32')}",
         "",
         f"{'measurement':<60} {'median':>20}  runs",
     ]
@@ -82,6 +83,8 @@ def format_table(r: dict) -> str:
     row("  ratio 2 / model alone (the loop's own overhead)", f"{t['ratio_loop_to_model']:.3f}")
     row(f"  validation ({t['loop']['validation_windows']:,} windows) + setup per epoch",
         _duration(t["loop"]["validation_and_setup_seconds"]))
+    if t.get("peak_gpu_memory_mib") is not None:
+        row("  peak GPU memory (bare, model and loop)", f"{t['peak_gpu_memory_mib']:,.0f} MiB")
     d = r["data"]
     row(f"3 prepare, whole core ({d['prepare']['windows']:,} windows)", _rate(d["prepare"]["windows_per_second"],
         "windows/s"))
@@ -113,6 +116,8 @@ def format_table(r: dict) -> str:
     if "share" in r:
         sh = r["share"]
         row(f"{sh['workers']} workers sharing {st['device']}, aggregate", _rate(sh["aggregate_samples_per_second"]))
+        if sh.get("peak_memory_mib"):
+            row("  peak GPU memory per worker (MiB)", " ".join(f"{m:,.0f}" for m in sh["peak_memory_mib"] if m))
     e = r["estimate"]
     lines += ["", "Full-spec `dvc repro` on this machine, estimated from the loop's rate:"]
     for name, x in e["experiments"].items():

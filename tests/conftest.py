@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import repo_copy
-from benchmarks.repo_copy import ROOT, deep_update, run  # noqa: F401  (the tests import them from here)
+import repo_copy
+from repo_copy import ROOT, deep_update, run  # noqa: F401  (the tests import them from here)
 
 # Small enough for seconds per stage on 2 cores, large enough that every stage has real work.
 TINY = {
@@ -62,3 +62,16 @@ def flip_bit_in_weights(path: Path, key: str = "weight_hh_l0", at: int = 37) -> 
     assert offset > 0
     data[offset + at] ^= 0x40
     path.write_bytes(bytes(data))
+
+
+# The fast loop (`make test-fast`): every test that builds a repository copy (directly or through a fixture that
+# does) runs real DVC and is an integration test; `-m "not integration and not slow"` leaves the unit tests.
+# (the modules' own fixtures that build one are listed by name).
+INTEGRATION_FIXTURES = {"tiny_repo", "session_repo", "reference_run", "plain_repo", "project", "data_repo",
+                        "laptop_repo", "repro"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if INTEGRATION_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)

@@ -1,5 +1,8 @@
 """The benchmark harness (benchmarks/, outside the package) at tiny shapes: its table, its JSON and its helpers
-(structure and sanity, not timings), and that it times the data the stages make."""
+(structure and sanity, not timings), and that it times the data the stages make.
+
+The one test module that imports benchmarks/: it puts the repository root on sys.path itself (the rest of the
+suite never imports it)."""
 
 from __future__ import annotations
 
@@ -12,12 +15,14 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks import harness, measure_data, measure_training, report
 from conftest import ROOT, make_repo, run
-from moola import throughput
 from moola.augment import augment_windows
 from moola.params import ScaleParams, load_params
 from moola.windows import cut_windows, normalise
+
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+from benchmarks import harness, measure_data, measure_precision, measure_training, report, throughput  # noqa: E402
 
 
 def run_bench(*args: str) -> subprocess.CompletedProcess:
@@ -55,7 +60,8 @@ def test_quick_run_prints_the_table_and_writes_the_json(tmp_path):
         assert positive(t[key]["samples_per_second"]) and len(t[key]["runs"]) == r["settings"]["repeats"]
         assert all(positive(x) for x in t[key]["runs"])
     assert positive(t["ratio_loop_to_bare"]) and positive(t["ratio_loop_to_model"])
-    assert t["precision"] == "fp32" and isinstance(t["target_met"], bool)
+    assert t["precision"] == "fp32" and t["lstm_dtype"] == "float32" and isinstance(t["target_met"], bool)
+    assert t["peak_gpu_memory_mib"] is None and r["settings"]["tf32"] is False
     assert t["loop"]["validation_windows"] > 0 and positive(t["loop"]["validation_and_setup_seconds"])
 
     d = r["data"]
@@ -79,6 +85,7 @@ def test_quick_run_prints_the_table_and_writes_the_json(tmp_path):
     assert e["finetune_fold_runs"] == 5 * 3 * (3 + 5)  # three network inits, five ablation encoders
 
 
+@pytest.mark.slow
 def test_absent_device_is_a_one_line_error():
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
@@ -144,6 +151,7 @@ def test_steppers_train_and_time_on_random_tensors():
     assert time_major.run(1) > 0
 
 
+@pytest.mark.slow
 def test_tries_compare_variants_with_the_baseline(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)  # the OpenMP try's worker processes need no params.yaml: their arguments say it all
     p = load_params(ROOT / "params.yaml")
@@ -177,6 +185,15 @@ def test_per_window_baselines_compute_what_the_vectorised_code_does():
     # Different draws, the same transforms: the copies stay close to the originals alike.
     for copies in (looped, vectorised):
         assert abs(np.abs(copies - np.tile(windows, (2, 1, 1))).mean() - 0.03) < 0.03
+
+
+def test_cpu_advice_recommends_bf16_only_where_it_runs_and_clearly_pays():
+    assert measure_precision.cpu_bf16_advice(False, None, None) == (
+        "fp32", "bf16 does not run on this CPU: keep precision fp32 (the default)")
+    setting, line = measure_precision.cpu_bf16_advice(True, 500.0, 1500.0)
+    assert setting == "bf16" and "3.00x" in line and "-S pretrain.precision=bf16" in line
+    setting, line = measure_precision.cpu_bf16_advice(True, 500.0, 550.0)
+    assert setting == "fp32" and "only 1.10x" in line
 
 
 def test_spec_estimate_is_epochs_times_samples_over_rate():

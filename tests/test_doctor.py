@@ -1,10 +1,12 @@
-"""`moola doctor`: the CPU path for real (versions, numerics, timed bare LSTM and loop, the JSON), and the GPU-box
-verdict with its inputs faked (an nvidia-smi that lists a GPU, next to this CPU-only torch)."""
+"""`moola doctor`: the CPU path for real (versions, numerics, then the benchmark from the checkout, or the one line
+where there is none), and the GPU-box verdict with its inputs faked (an nvidia-smi that lists a GPU, next to this
+CPU-only torch). The benchmark's own figures are tests/test_bench.py's."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,18 +14,25 @@ from pathlib import Path
 import pytest
 import torch
 
-from moola.doctor import cpu_bf16_advice, cuda_verdict
+from moola.doctor import cuda_verdict
 from moola.numerics import probe_lstm_dtype
-from moola.throughput import REPORT_FORMAT
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def doctor(*args: str, path_prefix: str = "") -> subprocess.CompletedProcess:
+def doctor(*args: str, path_prefix: str = "", cwd: Path = ROOT) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "DVC_NO_ANALYTICS": "1",
            "PATH": path_prefix + str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")}
-    return subprocess.run([sys.executable, "-m", "moola.cli", "doctor", *args], cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, "-m", "moola.cli", "doctor", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=600)
+
+
+def bf16_line(text: str) -> None:
+    """On a CPU: whether bf16 runs here, as pretraining decides it."""
+    if probe_lstm_dtype(torch.device("cpu"), torch.bfloat16)[0] == "bfloat16":
+        assert "bf16 on this CPU: available" in text and "python -m benchmarks.measure_precision" in text
+    else:
+        assert "bf16 on this CPU: not available" in text
 
 
 def test_verdict_fails_only_where_a_gpu_is_there_and_torch_cannot_use_it():
@@ -46,11 +55,27 @@ def test_a_box_with_an_nvidia_gpu_and_a_cpu_torch_fails_in_one_line(tmp_path):
     proc = doctor("--quick", "--json", str(tmp_path / "never.json"), path_prefix=str(fake) + os.pathsep)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert proc.stderr.startswith("error: this box has an NVIDIA GPU") and len(proc.stderr.strip().splitlines()) == 1
+    assert "speed:" not in proc.stdout  # stopped before the benchmark
+    assert not (tmp_path / "never.json").exists()
+
+
+def test_without_the_checkout_the_checks_run_and_one_line_says_where_speed_is_measured(tmp_path):
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")  # an installed moola: no benchmarks/ here
+    proc = doctor("--quick", "--json", str(tmp_path / "never.json"), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    text = proc.stdout
+    assert f"torch {torch.__version__}" in text and "device cpu" in text
+    assert "precision fp32: autocast off, LSTM runs in float32" in text
+    assert "TF32 off (pretrain.tf32: False)" in text
+    bf16_line(text)
+    speed = [line for line in text.splitlines() if line.startswith("speed:")]
+    assert len(speed) == 1 and "`python -m benchmarks`" in speed[0] and "from a checkout" in speed[0]
+    assert text.rstrip().endswith(speed[0])
     assert not (tmp_path / "never.json").exists()
 
 
 @pytest.mark.slow
-def test_cpu_path_prints_what_runs_and_writes_bench_json_format(tmp_path):
+def test_in_the_checkout_it_runs_the_benchmark_with_its_options(tmp_path):
     out = tmp_path / "bench.json"
     proc = doctor("--quick", "--share", "1", "--json", str(out))
     assert proc.returncode == 0, proc.stderr
@@ -58,33 +83,14 @@ def test_cpu_path_prints_what_runs_and_writes_bench_json_format(tmp_path):
     assert f"torch {torch.__version__}" in text and "device cpu" in text
     assert "precision fp32: autocast off, LSTM runs in float32" in text
     assert "TF32 off (pretrain.tf32: False)" in text
-    assert "bare LSTM" in text and "real loop" in text and "ratio" in text and "--share 1:" in text
+    bf16_line(text)
+    command = f"python -m benchmarks --no-dvc --quick --share 1 --json {out}"
+    assert f"speed: $ {command}" in text
+    # The benchmark's table, after doctor's lines.
+    assert text.index("speed: $") < text.index("1 bare nn.LSTM")
+    for row in ("2 pretraining loop", "ratio 2/1", "1 workers sharing", "4 dvc", "skipped"):
+        assert row in text, f"{row!r} missing from:\n{text}"
     r = json.loads(out.read_text())
-    assert r["format"] == REPORT_FORMAT and r["command"].startswith("moola doctor --quick")
-    t = r["training"]
-    assert t["bare_lstm"]["samples_per_second"] > 0 and t["loop"]["samples_per_second"] > 0
-    assert len(t["bare_lstm"]["runs"]) == len(t["loop"]["runs"]) == r["settings"]["repeats"]
-    assert t["ratio_loop_to_bare"] > 0 and t["precision"] == "fp32"
-    assert r["doctor"]["numerics"]["lstm_dtype"] == "float32" and r["doctor"]["timer"] == "perf_counter"
-    assert r["doctor"]["versions"]["torch"] == torch.__version__
-    assert r["doctor"]["versions"]["cublas_workspace_config"] == ":4096:8"
-    assert r["share"]["workers"] == 1 and r["share"]["aggregate_samples_per_second"] > 0
-    # On a CPU: whether bf16 runs here (the decision pretraining makes), both loop rates where it does, advice.
-    c = r["doctor"]["cpu_bf16"]
-    assert c["available"] == (probe_lstm_dtype(torch.device("cpu"), torch.bfloat16)[0] == "bfloat16")
-    assert f"recommended: precision {c['recommended']}: {c['advice']}" in text
-    if c["available"]:
-        assert c["fp32"]["runs"] == t["loop"]["runs"] and len(c["bf16"]["runs"]) == r["settings"]["repeats"]
-        assert c["speedup"] == c["bf16"]["samples_per_second"] / c["fp32"]["samples_per_second"]
-        assert "bf16 on this CPU: available" in text and "x; timed in" in text
-    else:
-        assert c["recommended"] == "fp32" and "bf16 on this CPU: not available" in text
-
-
-def test_cpu_advice_recommends_bf16_only_where_it_runs_and_clearly_pays():
-    assert cpu_bf16_advice(False, None, None) == ("fp32", "bf16 does not run on this CPU: keep precision fp32 "
-                                                          "(the default)")
-    setting, line = cpu_bf16_advice(True, 500.0, 1500.0)
-    assert setting == "bf16" and "3.00x" in line and "-S pretrain.precision=bf16" in line
-    setting, line = cpu_bf16_advice(True, 500.0, 550.0)
-    assert setting == "fp32" and "only 1.10x" in line
+    assert r["format"] == "moola-bench/1" and r["command"] == command
+    assert r["dvc"] == {"skipped": "--no-dvc"} and r["share"]["workers"] == 1
+    assert r["training"]["lstm_dtype"] == "float32" and r["training"]["ratio_loop_to_bare"] > 0

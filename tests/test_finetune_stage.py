@@ -89,7 +89,7 @@ def test_select_ranked_every_encoder_on_one_common_validation_set(pipeline):
     mask's experiments were validated: for those, the common loss is their own best validation loss, exactly, when
     both ran on the CPU. The pick is the lowest common loss among the stable ones; the report shows both losses;
     a re-run gives the same bytes and leaves `dvc status` clean."""
-    from moola.cli import report as report_table
+    from moola.report import report as report_table
 
     p = load_params(pipeline / "params.yaml")
     selected = json.loads((pipeline / "metrics/select.json").read_text())

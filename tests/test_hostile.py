@@ -104,7 +104,7 @@ def test_heldout_labels_of_one_class_are_refused_at_prepare(tmp_path, monkeypatc
 
 def test_heldout_of_one_class_when_allowed_writes_null_with_the_reason_and_the_report_shows_it(tmp_path, monkeypatch,
                                                                                                capsys):
-    from moola.cli import heldout_lines
+    from moola.report import heldout_lines
     from moola.finetuning import heldout_report
 
     labels = np.zeros(50, dtype=np.int64)

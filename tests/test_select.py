@@ -229,7 +229,7 @@ def test_the_basis_decides_when_own_and_common_rankings_differ(workspace):
     assert report["selected"] == "exp5_random_mask" and report["compare_on"] == "own"
     assert {e: c["common_val_loss"] for e, c in report["candidates"].items()} == common
 
-    from moola.cli import report as report_table
+    from moola.report import report as report_table
 
     table = report_table(workspace, ablation=False)
     assert "Selected encoder: exp5_random_mask (lowest own-mask best val loss" in table

@@ -1,56 +1,41 @@
 """`moola doctor`: a GPU box's first minute. Will `device: auto` use the GPU, in what arithmetic, and how fast?
 
-    moola doctor                 # versions, the LSTM's dtype, TF32, bare LSTM vs the real loop, --share 5 on cuda
-    moola doctor --quick         # tiny shapes (the CPU test)
+    moola doctor                 # versions, the CUDA verdict, the LSTM's real dtype, TF32; then the benchmark
+    moola doctor --quick         # the benchmark at tiny shapes (the CPU test)
     moola doctor --share 5 --json metrics/bench.json
-
-On a CPU it also says whether `precision: bf16` runs there (moola.numerics decides, by running a tiny LSTM), and
-when it does, times the real loop in the other precision too and recommends a setting.
 
 Fails with one line, before anything else, when the box has an NVIDIA GPU (nvidia-smi lists one) but torch
 cannot use CUDA: `device: auto` would quietly train on the CPU (an image whose torch is too old for moola pulls
-a PyPI torch at `pip install -e .` that may not match the driver). Timings: >= 20 warm-up and >= 100 timed steps
-on CUDA, read with CUDA events; the loop's epochs end on a device read, so their wall time is the GPU's time.
-Writes the figures in metrics/bench.json's format (benchmarks/, python -m benchmarks), with a "doctor" section.
+a PyPI torch at `pip install -e .` that may not match the driver). On a CPU it also says whether `precision: bf16`
+runs there (moola.numerics decides, by running a tiny LSTM).
+
+How fast is the benchmark's to measure, not the package's: where the repository's checkout has benchmarks/ (a GPU
+box runs from the checkout), doctor then runs `python -m benchmarks --no-dvc` there, passing on --quick, --steps,
+--warmup, --batch-size, --share and --json: the bare LSTM against the real loop and their ratio, workers sharing
+the device, prepare and augment, fine-tuning and the full-spec estimate (a few minutes at the spec's shapes, well
+under one with --quick); it prints its table and writes metrics/bench.json. Where there is no benchmarks/ (an
+installed moola), doctor says so in one line.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from moola import io
 from moola.device import describe, pick_device, use_threads
 from moola.errors import MoolaError, run_main
 from moola.numerics import apply_cuda_settings, decide, tf32_state
-from moola.params import FEATURES, load_params
-from moola.throughput import (
-    DEFAULT_JSON,
-    REPORT_FORMAT,
-    SPEC_EXPERIMENT,
-    TARGET_RATIO,
-    WorkerRun,
-    bare_lstm_stepper,
-    machine_info,
-    median,
-    share_device,
-)
+from moola.params import load_params
 
-CUDA_STEPS = dict(warmup=20, steps=100, repeats=3)
-CPU_STEPS = dict(warmup=1, steps=3, repeats=2)
-QUICK = dict(warmup=1, steps=2, repeats=2, batch_size=32)
-# bf16 is recommended on a CPU only when it is clearly faster: a smaller gain is inside a 2-core box's noise and
-# does not pay for giving up fp32's bytes.
-BF16_MIN_SPEEDUP = 1.25
+# The settings checked: those of the experiment the benchmark times (exp1_baseline is pretrain's defaults).
+EXPERIMENT = "exp1_baseline"
+# Passed on to the benchmark as they are given (its own defaults otherwise: 5 workers sharing a GPU, for one).
+PASSED_ON = ("steps", "warmup", "batch_size", "share", "json")
 
 
 def cuda_verdict(nvidia_smi_present: bool, cuda_available: bool, requested: str, torch_version: str,
@@ -93,93 +78,46 @@ def versions(device: torch.device, smi: dict | None) -> dict:
     }
 
 
-def time_bare(stepper, steps: int, repeats: int, device: torch.device) -> list[float]:
-    """Samples/s of `steps` steps per repeat: CUDA events on a GPU, perf_counter elsewhere."""
-    rates = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(steps):
-                stepper.step()
-            end.record()
-            end.synchronize()
-            seconds = start.elapsed_time(end) / 1000
-        else:
-            seconds = stepper.run(steps)
-        rates.append(steps * stepper.batch / seconds)
-    return rates
+def benchmark_command(args: argparse.Namespace) -> list[str]:
+    """`python -m benchmarks` for the speed: all but its DVC timings, with doctor's options passed on."""
+    cmd = [sys.executable, "-m", "benchmarks", "--no-dvc", *(["--quick"] if args.quick else [])]
+    for name in PASSED_ON:
+        value = getattr(args, name)
+        if value is not None:
+            cmd += ["--" + name.replace("_", "-"), str(value)]
+    return cmd
 
 
-def synthetic_windows(n: int, window: int, seed: int) -> np.ndarray:
-    """Random-walk OHLC windows, min-max normalised per window: the loop's input without the pipeline."""
-    rng = np.random.default_rng(seed)
-    close = np.cumsum(rng.normal(size=(n, window, 1)), axis=1)
-    x = close + rng.normal(scale=0.3, size=(n, window, len(FEATURES)))
-    low, high = x.min(axis=(1, 2), keepdims=True), x.max(axis=(1, 2), keepdims=True)
-    return ((x - low) / (high - low)).astype(np.float32)
-
-
-def time_loop(exp, batch: int, steps: int, repeats: int, warmup: int, window: int, device, seed: int) -> tuple[list[float], dict]:
-    """The real pretraining loop (moola.pretraining.pretrain), one epoch of `steps` batches per repeat."""
-    from moola.pretraining import pretrain
-
-    train = synthetic_windows(steps * batch, window, seed)
-    val = synthetic_windows(batch, window, seed + 1)
-    one = dataclasses.replace(exp, epochs=1, train=dataclasses.replace(exp.train, batch_size=batch))
-    quiet = lambda line: None  # noqa: E731
-    warm = pretrain(train[: max(1, warmup) * batch], val, one, seed, device=device, log=quiet)
-    rates = [pretrain(train, val, one, seed, device=device, log=quiet).samples_per_second for _ in range(repeats)]
-    return rates, warm.numerics
-
-
-def cpu_bf16_advice(available: bool, fp32: float | None, bf16: float | None) -> tuple[str, str]:
-    """(setting, one line) for pretrain.precision on a CPU, from whether bf16 runs and the loop's two rates."""
-    if not available:
-        return "fp32", "bf16 does not run on this CPU: keep precision fp32 (the default)"
-    assert fp32 and bf16
-    speedup = bf16 / fp32
-    if speedup >= BF16_MIN_SPEEDUP:
-        return "bf16", (f"bf16 trains {speedup:.2f}x as fast here: -S pretrain.precision=bf16 for speed; fp32 "
-                        "(the default) where the weights must match another fp32 run's bytes")
-    return "fp32", (f"bf16 runs but only {speedup:.2f}x as fast (< {BF16_MIN_SPEEDUP}x): keep precision fp32 "
-                    "(the default)")
-
-
-def cpu_bf16(exp, device, asked: str, loop_rates: list[float], batch: int, steps: int, repeats: int, warmup: int,
-             window: int, seed: int) -> dict:
-    """On a CPU: does bf16 run (the decision pretraining makes), and the real loop's samples/s in fp32 and bf16.
-    The precision the loop already ran in (`asked`) reuses `loop_rates`; the other is timed the same way."""
-    bf16 = decide(device, "bf16", False)
-    out: dict = {"available": bf16.ran == "bf16", "why": bf16.why}
-    if bf16.ran == "bf16":
-        began = time.perf_counter()
-        other = "fp32" if asked == "bf16" else "bf16"
-        exp_other = dataclasses.replace(exp, train=dataclasses.replace(exp.train, precision=other))
-        rates, _ = time_loop(exp_other, batch, steps, repeats, warmup, window, device, seed)
-        runs = {asked: loop_rates, other: rates}
-        out |= {"fp32": {"samples_per_second": median(runs["fp32"]), "runs": runs["fp32"]},
-                "bf16": {"samples_per_second": median(runs["bf16"]), "runs": runs["bf16"]},
-                "speedup": median(runs["bf16"]) / median(runs["fp32"]),
-                "seconds": time.perf_counter() - began}
-    setting, line = cpu_bf16_advice(out["available"], out.get("fp32", {}).get("samples_per_second"),
-                                    out.get("bf16", {}).get("samples_per_second"))
-    return out | {"recommended": setting, "advice": line}
+def measure_speed(args: argparse.Namespace, root: Path, say) -> dict:
+    """The benchmark, run from the checkout at `root` when it has benchmarks/; one line saying where it is if not.
+    A failing benchmark has printed its own error: doctor then exits with its code."""
+    if not (root / "benchmarks" / "__main__.py").is_file():
+        say(f"speed: not measured here ({(root / 'benchmarks').resolve()} is absent): `python -m benchmarks` "
+            "measures it, from a checkout of the repository")
+        return {"measured": False}
+    cmd = benchmark_command(args)
+    say("speed: $ " + " ".join(["python", *cmd[1:]]))
+    # The moola this process runs, whatever PYTHONPATH says.
+    package_root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": package_root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    code = subprocess.run(cmd, cwd=root, env=env).returncode
+    if code != 0:
+        raise SystemExit(code)
+    return {"measured": True, "command": cmd[1:]}
 
 
 def run_doctor(argv: list[str] | None = None, root: Path = Path(".")) -> dict:
     parser = argparse.ArgumentParser(prog="moola doctor", description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny shapes, a few steps (the CPU test)")
-    parser.add_argument("--steps", type=int, help="timed steps per repeat (default: 100 on cuda, 3 on cpu)")
-    parser.add_argument("--warmup", type=int, help="untimed steps first (default: 20 on cuda, 1 on cpu)")
-    parser.add_argument("--batch-size", type=int, help="default: pretrain.batch_size")
-    parser.add_argument("--share", type=int, help="workers sharing the device at once (default: 5 on cuda, else 0)")
-    parser.add_argument("--json", default=DEFAULT_JSON, help=f"where to write (default {DEFAULT_JSON})")
+    parser.add_argument("--quick", action="store_true", help="the benchmark at tiny shapes, a few steps (the CPU test)")
+    parser.add_argument("--steps", type=int, help="the benchmark's timed steps per repeat (its default: 20 on cuda)")
+    parser.add_argument("--warmup", type=int, help="the benchmark's untimed steps first (its default: 20 on cuda)")
+    parser.add_argument("--batch-size", type=int, help="the benchmark's batch (its default: pretrain.batch_size)")
+    parser.add_argument("--share", type=int, help="workers sharing the device at once (its default: 5 on cuda, else 0)")
+    parser.add_argument("--json", help="where the benchmark writes (its default metrics/bench.json)")
     args = parser.parse_args(argv)
 
     p = load_params(root / "params.yaml")
-    exp = p.experiment(SPEC_EXPERIMENT)
-    cfg = exp.train
+    cfg = p.experiment(EXPERIMENT).train
     smi = nvidia_smi()
     problem = cuda_verdict(smi is not None and bool(smi["gpus"]), torch.cuda.is_available(), cfg.device,
                            torch.__version__, torch.version.cuda)
@@ -189,83 +127,24 @@ def run_doctor(argv: list[str] | None = None, root: Path = Path(".")) -> dict:
     use_threads(device, cfg.threads)
     cuda = apply_cuda_settings(device, cfg.tf32, cfg.deterministic)
     numerics = decide(device, cfg.precision, cfg.tf32)
-    base = QUICK if args.quick else (CUDA_STEPS if device.type == "cuda" else CPU_STEPS)
-    steps = args.steps or base["steps"]
-    warmup = args.warmup if args.warmup is not None else base["warmup"]
-    repeats = base["repeats"]
-    batch = args.batch_size or base.get("batch_size", cfg.batch_size)
-    share = args.share if args.share is not None else (5 if device.type == "cuda" else 0)
-    if min(steps, batch) < 1 or warmup < 0 or share < 0:
-        raise MoolaError("--steps and --batch-size must be at least 1, --warmup and --share at least 0")
-    window = p.data.window
     say = lambda msg: print(msg, flush=True)  # noqa: E731
-    began = time.perf_counter()
     v = versions(device, smi)
     say(f"torch {v['torch']}, CUDA {v['cuda']}, cuDNN {v['cudnn']}, driver {v['driver']}; device {v['device']}")
     say(f"precision {cfg.precision}: autocast {numerics.record()['autocast_dtype'] or 'off'}, LSTM runs in "
         f"{numerics.lstm_dtype}{', loss scaling' if numerics.grad_scaler else ''}"
         + (f" ({numerics.note})" if numerics.note else ""))
     say(f"TF32 {'on' if numerics.tf32 else 'off'} (pretrain.tf32: {cfg.tf32}): {tf32_state()}")
-
-    # The ceiling runs in the arithmetic the loop really uses for its LSTM.
-    bare_precision = numerics.ran if numerics.lstm_in_autocast else "fp32"
-    bare = bare_lstm_stepper(batch, window, cfg.hidden_size, device, bare_precision, cfg.learning_rate)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    for _ in range(warmup):
-        bare.step()
-    bare_rates = time_bare(bare, steps, repeats, device)
-    loop_rates, seen = time_loop(exp, batch, steps, repeats, warmup, window, device, p.seed)
-    ratio = median(loop_rates) / median(bare_rates)
-    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
-    say(f"bare LSTM {median(bare_rates):,.0f} samples/s, real loop {median(loop_rates):,.0f} samples/s: "
-        f"ratio {ratio:.2f} (target >= {TARGET_RATIO}); LSTM dtype seen in the loop: {seen['lstm_dtype']}"
-        + (f"; peak GPU memory {peak:,.0f} MiB" if peak is not None else ""))
-    report = {
-        "format": REPORT_FORMAT,
-        "command": " ".join(["moola doctor", *(argv or [])]),
-        "quick": args.quick,
-        "machine": machine_info(device) | {"driver": v["driver"], "gpus": v["gpus"]},
-        "settings": {"batch_size": batch, "steps": steps, "repeats": repeats, "warmup": warmup, "window": window,
-                     "hidden_size": cfg.hidden_size, "threads": torch.get_num_threads(),
-                     "precision": cfg.precision, "device": device.type},
-        "doctor": {"versions": v, "numerics": seen, "cuda_settings": cuda,
-                   "timer": "cuda events" if device.type == "cuda" else "perf_counter"},
-        "training": {
-            "precision": numerics.ran,
-            "bare_lstm": {"samples_per_second": median(bare_rates), "runs": bare_rates},
-            "loop": {"samples_per_second": median(loop_rates), "runs": loop_rates},
-            "ratio_loop_to_bare": ratio,
-            "target_ratio": TARGET_RATIO,
-            "target_met": ratio >= TARGET_RATIO,
-            "peak_gpu_memory_mib": peak,
-        },
-    }
-    if share:
-        run = WorkerRun(device=device.type, batch_size=batch, steps=steps, repeats=repeats, warmup=warmup,
-                        precision=bare_precision, threads=cfg.threads, window=window, hidden=cfg.hidden_size,
-                        learning_rate=cfg.learning_rate)
-        report["share"] = share_device(run, share, median(bare_rates))
-        sh = report["share"]
-        say(f"--share {share}: {sh['aggregate_samples_per_second']:,.0f} samples/s together "
-            f"({sh['aggregate_vs_single']:.2f}x one alone)"
-            + (f"; peak GPU memory per worker {sh['peak_memory_mib']} MiB" if sh.get("peak_memory_mib") else ""))
+    found = {"versions": v, "numerics": numerics.record(), "cuda_settings": cuda}
     if device.type == "cpu":
-        ran = numerics.ran if numerics.ran in ("fp32", "bf16") else "fp32"
-        c = cpu_bf16(exp, device, ran, loop_rates, batch, steps, repeats, warmup, window, p.seed)
-        report["doctor"]["cpu_bf16"] = c
-        if c["available"]:
-            say(f"bf16 on this CPU: available (oneDNN runs the LSTM in bfloat16); real loop at batch {batch}: "
-                f"fp32 {c['fp32']['samples_per_second']:,.0f}, bf16 {c['bf16']['samples_per_second']:,.0f} "
-                f"samples/s ({c['speedup']:.2f}x; timed in {c['seconds']:.1f} s)")
+        bf16 = decide(device, "bf16", False)
+        found["cpu_bf16"] = {"available": bf16.ran == "bf16", "why": bf16.why}
+        if bf16.ran == "bf16":
+            say("bf16 on this CPU: available (oneDNN runs the LSTM in bfloat16); whether it pays here: "
+                "`python -m benchmarks.measure_precision` (from a checkout)")
         else:
-            say(f"bf16 on this CPU: not available ({c['why']})")
-        say(f"recommended: precision {c['recommended']}: {c['advice']}")
-    report["seconds"] = time.perf_counter() - began
-    out = Path(args.json) if Path(args.json).is_absolute() else root / args.json
-    io.write_json(out, report)
-    say(f"wrote {args.json} in {report['seconds']:.1f} s")
-    return report
+            say(f"bf16 on this CPU: not available ({bf16.why})")
+    found["speed"] = measure_speed(args, root, say)
+    return found
 
 
 def main(argv: list[str] | None = None) -> None:

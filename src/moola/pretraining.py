@@ -9,6 +9,9 @@ epoch ahead, in a background thread), copied pinned and non-blocking, the masked
 tensors computed on the CPU, and the losses stay on the device until the epoch's end, where they are read once
 (and checked for NaN/inf). Same masks, same arithmetic, same order as drawing and reading per batch: the CPU
 bytes are those of the per-batch loop (tests/test_pretraining.py holds its reference hashes).
+
+`pretrain` reads top to bottom: `setup` (a Trainer: data, model, optimiser, scaler, generators), `open_resume`, a
+MaskPrefetcher, then per epoch `train_one_epoch`, `validate`, the record of the epoch and `save_resume`.
 """
 
 from __future__ import annotations
@@ -20,11 +23,13 @@ import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
+from torch.utils.hooks import RemovableHandle
 
 from moola.device import describe, pick_device, use_threads
 from moola.errors import DataError, ParamsError, TrainingDiverged
@@ -32,7 +37,7 @@ from moola.masking import make_mask
 from moola.models import BiLSTMMaskedAutoencoder
 from moola.numerics import Numerics, apply_cuda_settings, decide, dtype_name, probe_lstm_dtype
 from moola.params import FEATURES, PARAMS_FILE, Experiment, PretrainParams
-from moola.resume import ResumeCheckpoint, cpu_copy
+from moola.resume import Progress, ResumeCheckpoint, cpu_copy
 from moola.windows import Windows, read_windows
 
 NORMALISATION = "per-window min-max over the window's bars: (x - min(low)) / (max(high) - min(low))"
@@ -208,6 +213,293 @@ def _pin(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.pin_memory() if device.type == "cuda" else t
 
 
+# --- the setup ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Trainer:
+    """What one pretraining run trains with, built by `setup`: data, model, optimiser, scaler, generators."""
+
+    experiment: Experiment
+    device: torch.device
+    numerics: Numerics
+    cuda_settings: dict
+    train_x: torch.Tensor
+    val_x: torch.Tensor
+    model: BiLSTMMaskedAutoencoder
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler | None
+    autocast: dict  # torch.autocast keyword arguments
+    seen: dict[str, str]  # "lstm_dtype": the dtype the LSTM's first output had (filled by `hook`)
+    hook: RemovableHandle
+    shuffle_gen: torch.Generator
+    mask_gen: torch.Generator
+    val_masks: EpochMasks  # on the device
+    show_bar: bool
+
+    @property
+    def cfg(self) -> PretrainParams:
+        return self.experiment.train
+
+    @property
+    def n_train(self) -> int:
+        return self.train_x.shape[0]
+
+    @property
+    def batches(self) -> int:
+        return math.ceil(self.n_train / self.cfg.batch_size)
+
+    def draw(self, n: int, generator: torch.Generator) -> EpochMasks:
+        """n rows of training masks, on the host (pinned on CUDA). Called from the mask thread too: reads only."""
+        _, window, features = self.train_x.shape
+        return _on_host(draw_masks(self.experiment.mask, self.cfg, n, window, features, generator), self.device)
+
+
+def _on_host(masks: EpochMasks, device: torch.device) -> EpochMasks:
+    return masks.pinned() if device.type == "cuda" else masks
+
+
+def _note_lstm_dtype(seen: dict[str, str], module, inputs, output) -> None:
+    # The dtype the LSTM really computed in, from its output (metadata: no sync). Returns None: the output
+    # stays as it is. dtype_name is looked up at call time (a test replaces it).
+    seen.setdefault("lstm_dtype", dtype_name(output[0].dtype))
+
+
+def setup(train, val, experiment: Experiment, seed: int, device: torch.device | None, log: Log, probe) -> Trainer:
+    """Device, numerics, seeds, data, model, optimiser, scaler and generators, in the order that decides the bytes:
+    the global seeds are set before the model's weights are drawn."""
+    cfg = experiment.train
+    device = device or pick_device(cfg.device)
+    use_threads(device, cfg.threads)
+    cuda_settings = apply_cuda_settings(device, cfg.tf32, cfg.deterministic)
+    numerics: Numerics = decide(device, cfg.precision, cfg.tf32, probe)
+    if numerics.note:
+        log(f"{experiment.name}: {numerics.note}")
+    seed_everything(seed)
+
+    train_x = _as_tensor(train).to(device)
+    val_x = _as_tensor(val).to(device)
+    _, window, features = train_x.shape
+
+    model = BiLSTMMaskedAutoencoder(features, cfg.hidden_size, cfg.num_layers, cfg.decoder_hidden).to(device)
+    model.lstm_in_autocast = numerics.lstm_in_autocast
+    # fp16: loss scaling; the fused AdamW takes GradScaler's found-inf flag on the device (no .item() per step,
+    # torch/amp/grad_scaler.py, GradScaler.step, `_step_supports_amp_scaling`).
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                                  **({"fused": True} if numerics.grad_scaler else {}))
+    scaler = torch.amp.GradScaler(device.type) if numerics.grad_scaler else None
+    autocast = numerics.autocast(device)
+    seen: dict[str, str] = {}
+    hook = model.encoder.register_forward_hook(partial(_note_lstm_dtype, seen))
+
+    # Shuffling and training masks each have their own generator, saved in the resume checkpoint.
+    shuffle_gen = torch.Generator().manual_seed(_stream_seed(seed, "shuffle"))
+    mask_gen = torch.Generator().manual_seed(_stream_seed(seed, "mask"))
+    val_masks = _on_host(validation_masks(experiment.mask, cfg, len(val_x), window, features, seed), device).to(device)
+    return Trainer(experiment=experiment, device=device, numerics=numerics, cuda_settings=cuda_settings,
+                   train_x=train_x, val_x=val_x, model=model, optimizer=optimizer, scaler=scaler, autocast=autocast,
+                   seen=seen, hook=hook, shuffle_gen=shuffle_gen, mask_gen=mask_gen, val_masks=val_masks,
+                   show_bar=sys.stderr.isatty())
+
+
+# --- the resume hook ----------------------------------------------------------------------------------------
+
+
+def open_resume(t: Trainer, path: str | Path | None, fingerprint: str, log: Log) -> tuple[ResumeCheckpoint, Progress]:
+    """The resume checkpoint at `path` and the progress it restores into `t` (epoch 0 when none matches)."""
+    resume = ResumeCheckpoint(path, fingerprint, t.numerics, t.cfg.resume_every_epochs, t.cfg.resume_every_seconds,
+                              log)
+    return resume, resume.restore(t.model, t.optimizer, t.scaler, t.shuffle_gen, t.mask_gen)
+
+
+def save_resume(resume: ResumeCheckpoint, t: Trainer, progress: Progress, mask_state: torch.Tensor) -> None:
+    """At an epoch's end, when due. `mask_state`: the mask generator at this epoch boundary (MaskPrefetcher.state),
+    not its state now, which a background draw of the next epoch may already have moved."""
+    resume.save_if_due(progress, t.model, t.optimizer, t.scaler, t.shuffle_gen, mask_state)
+
+
+# --- the training masks, one epoch ahead or not -------------------------------------------------------------
+
+
+class MaskPrefetcher:
+    """Each epoch's training masks, drawn from one generator in epoch order.
+
+    With `ahead`, the next epoch's masks are drawn in a background thread while this one trains (on an
+    accelerator, so that no step waits for them). The draws are the same either way: one draw at a time, each
+    from where the last one left the generator; the main thread reads the generator only between draws.
+    """
+
+    def __init__(self, draw: Callable[[int, torch.Generator], EpochMasks], n: int, generator: torch.Generator,
+                 ahead: bool):
+        self._draw, self._n, self._generator = draw, n, generator
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="moola-masks") if ahead else None
+        self._upcoming: Future | None = None
+        # The generator's state at the last epoch boundary: what the resume checkpoint keeps.
+        self.state = generator.get_state()
+
+    def next(self, more: bool) -> EpochMasks:
+        """This epoch's masks; when `more` epochs follow and drawing ahead, starts drawing the next epoch's."""
+        if self._upcoming is not None:
+            masks, self._upcoming = self._upcoming.result(), None
+        else:
+            masks = self._draw(self._n, self._generator)
+        self.state = self._generator.get_state()  # after this epoch's masks, before the next epoch's
+        if self._pool is not None and more:
+            self._upcoming = self._pool.submit(self._draw, self._n, self._generator)
+        return masks
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+# --- one epoch ----------------------------------------------------------------------------------------------
+
+
+def _diverged(name: str, epoch: int, which: str, value: float, where: str = "") -> TrainingDiverged:
+    return TrainingDiverged(
+        f"{name}: training diverged at epoch {epoch}{where}: the {which} loss is {value}; "
+        f"no encoder written (try a lower learning_rate or precision fp32)"
+    )
+
+
+def _weighted_mean(values: list[float], counts: list[int]) -> float:
+    """The mean over every masked value from per-batch means: summed in float64 in batch order, as they were when
+    each batch's loss was read on its own."""
+    total, count = 0.0, 0
+    for value, n in zip(values, counts):
+        total += value * n
+        count += n
+    return total / count
+
+
+def optimizer_step(t: Trainer, loss: torch.Tensor) -> None:
+    t.optimizer.zero_grad(set_to_none=True)
+    if t.scaler is None:
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(t.model.parameters(), t.cfg.grad_clip)
+        t.optimizer.step()
+    else:
+        t.scaler.scale(loss).backward()
+        t.scaler.unscale_(t.optimizer)  # clip the true gradients, not the scaled ones
+        torch.nn.utils.clip_grad_norm_(t.model.parameters(), t.cfg.grad_clip)
+        t.scaler.step(t.optimizer)
+        t.scaler.update()
+
+
+def _refuse_float16_without_scaling(t: Trainer) -> None:
+    if t.seen.get("lstm_dtype") == "float16" and t.scaler is None:
+        # What the probe should have prevented (moola.numerics): float16 gradients without loss scaling.
+        raise ParamsError(
+            f"{PARAMS_FILE}: pretrain.precision {t.cfg.precision}: the LSTM ran in float16 without loss "
+            "scaling, which flushes its small gradients to zero; use precision fp16 (scaled) or fp32"
+        )
+
+
+def train_one_epoch(t: Trainer, prefetcher: MaskPrefetcher, epoch: int) -> tuple[float, float]:
+    """One pass over the shuffled training windows: (the training loss over every masked value, seconds taken).
+    Raises TrainingDiverged when a batch's loss is NaN or infinite."""
+    cfg, exp = t.cfg, t.experiment
+    started = time.perf_counter()
+    t.model.train()
+    order = _pin(torch.randperm(t.n_train, generator=t.shuffle_gen), t.device).to(t.device, non_blocking=True)
+    host_masks = prefetcher.next(more=epoch < exp.epochs)
+    masks = host_masks.to(t.device)
+    losses = torch.empty(t.batches, device=t.device)
+    bar = _bar(t.batches, f"{exp.name} {epoch}/{exp.epochs}") if t.show_bar else None
+    for b in range(t.batches):
+        rows = slice(b * cfg.batch_size, (b + 1) * cfg.batch_size)
+        x = t.train_x[order[rows]]
+        with torch.autocast(**t.autocast):
+            pred = t.model(x, masks.mask[rows])
+        loss = masked_mse_at(pred, x, masks.batch(b))
+        optimizer_step(t, loss)
+        losses[b] = loss.detach()
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    _refuse_float16_without_scaling(t)
+    loss_values = losses.tolist()  # the epoch's one read of the training losses
+    elapsed = time.perf_counter() - started
+    for b, value in enumerate(loss_values):
+        if not math.isfinite(value):
+            raise _diverged(exp.name, epoch, "training", value, f" (batch {b + 1} of {t.batches})")
+    return _weighted_mean(loss_values, host_masks.values), elapsed
+
+
+@torch.no_grad()
+def evaluate(model: BiLSTMMaskedAutoencoder, x: torch.Tensor, masks: EpochMasks, batch_size: int,
+             autocast: dict) -> float:
+    """Masked MSE over every masked value of `x` (not a mean of batch means); one read of the device."""
+    model.eval()
+    batches = math.ceil(len(x) / batch_size)
+    losses = torch.empty(batches, device=x.device)
+    for b in range(batches):
+        rows = slice(b * batch_size, (b + 1) * batch_size)
+        xb = x[rows]
+        with torch.autocast(**autocast):
+            pred = model(xb, masks.mask[rows])
+        losses[b] = masked_mse_at(pred, xb, masks.batch(b))
+    return _weighted_mean(losses.tolist(), masks.values)
+
+
+def validate(t: Trainer, epoch: int) -> float:
+    """The validation loss with the fixed validation masks; TrainingDiverged when NaN or infinite."""
+    val_loss = evaluate(t.model, t.val_x, t.val_masks, t.cfg.batch_size, t.autocast)
+    if not math.isfinite(val_loss):
+        raise _diverged(t.experiment.name, epoch, "validation", val_loss)
+    return val_loss
+
+
+def _out_of_patience(experiment: Experiment, progress: Progress, log: Log) -> bool:
+    patience = experiment.train.early_stopping_patience
+    if patience and progress.epoch - progress.best_epoch >= patience:
+        log(f"{experiment.name}: early stopping after epoch {progress.epoch} "
+            f"(no better validation loss for {patience} epochs; best epoch {progress.best_epoch})")
+        return True
+    return False
+
+
+def _record_epoch(progress: Progress, model: BiLSTMMaskedAutoencoder, epoch: int, train_loss: float,
+                  val_loss: float, snapshot_epochs: Sequence[int]) -> bool:
+    """History, snapshot and best-so-far after `epoch`; whether it is the best yet."""
+    progress.epoch = epoch
+    progress.history.append((epoch, train_loss, val_loss))
+    if epoch in snapshot_epochs:
+        progress.snapshots[epoch] = cpu_copy(model.encoder.state_dict())
+    improved = val_loss < progress.best_val_loss
+    if improved:
+        progress.best_val_loss, progress.best_epoch = val_loss, epoch
+        progress.best_state = cpu_copy(model.state_dict())
+    return improved
+
+
+def _result(t: Trainer, progress: Progress, seconds: float, samples_seen: int) -> PretrainResult:
+    """The model with the best epoch's weights loaded, and what ran."""
+    assert progress.best_state is not None, "no epoch ran"
+    t.model.load_state_dict(progress.best_state)
+    record = t.numerics.record() | {"cuda": t.cuda_settings}
+    if "lstm_dtype" in t.seen:  # what really ran wins over what the probe predicted (they agree when all is well)
+        record["lstm_dtype"] = t.seen["lstm_dtype"]
+    return PretrainResult(
+        model=t.model,
+        history=list(progress.history),
+        best_val_loss=progress.best_val_loss,
+        best_epoch=progress.best_epoch,
+        epochs_planned=t.experiment.epochs,
+        train_samples=t.n_train,
+        val_samples=len(t.val_x),
+        batches_per_epoch=t.batches,
+        device=describe(t.device),
+        precision=t.numerics.ran,
+        numerics=record,
+        seconds=seconds,
+        samples_per_second=samples_seen / seconds if seconds else 0.0,
+        snapshots=dict(sorted(progress.snapshots.items())),
+    )
+
+
 # --- the loop -----------------------------------------------------------------------------------------------
 
 
@@ -234,193 +526,30 @@ def pretrain(
     `snapshot_epochs`: keep the encoder's weights as they are at the end of these epochs (`result.snapshots`; kept
     in the resume checkpoint too, so that a resumed run has the same ones).
     """
-    cfg = experiment.train
-    device = device or pick_device(cfg.device)
-    use_threads(device, cfg.threads)
-    cuda_settings = apply_cuda_settings(device, cfg.tf32, cfg.deterministic)
-    numerics: Numerics = decide(device, cfg.precision, cfg.tf32, probe)
-    if numerics.note:
-        log(f"{experiment.name}: {numerics.note}")
-    seed_everything(seed)
-
-    train_x = _as_tensor(train).to(device)
-    val_x = _as_tensor(val).to(device)
-    n_train, window, features = train_x.shape
-    batches = math.ceil(n_train / cfg.batch_size)
-
-    model = BiLSTMMaskedAutoencoder(features, cfg.hidden_size, cfg.num_layers, cfg.decoder_hidden).to(device)
-    model.lstm_in_autocast = numerics.lstm_in_autocast
-    # fp16: loss scaling; the fused AdamW takes GradScaler's found-inf flag on the device (no .item() per step,
-    # torch/amp/grad_scaler.py, GradScaler.step, `_step_supports_amp_scaling`).
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
-                                  **({"fused": True} if numerics.grad_scaler else {}))
-    scaler = torch.amp.GradScaler(device.type) if numerics.grad_scaler else None
-    autocast = numerics.autocast(device)
-    seen: dict[str, str] = {}
-
-    def note_lstm_dtype(module, inputs, output) -> None:
-        # The dtype the LSTM really computed in, from its output (metadata: no sync). Returns None: the output
-        # stays as it is.
-        seen.setdefault("lstm_dtype", dtype_name(output[0].dtype))
-
-    hook = model.encoder.register_forward_hook(note_lstm_dtype)
-
-    def on_host(masks: EpochMasks) -> EpochMasks:
-        return masks.pinned() if device.type == "cuda" else masks
-
-    def draw(n: int, generator: torch.Generator) -> EpochMasks:
-        return on_host(draw_masks(experiment.mask, cfg, n, window, features, generator))
-
-    # Shuffling and training masks each have their own generator, saved in the resume checkpoint.
-    shuffle_gen = torch.Generator().manual_seed(_stream_seed(seed, "shuffle"))
-    mask_gen = torch.Generator().manual_seed(_stream_seed(seed, "mask"))
-    val_masks = on_host(validation_masks(experiment.mask, cfg, len(val_x), window, features, seed)).to(device)
-
-    resume = ResumeCheckpoint(resume_path, fingerprint, numerics, cfg.resume_every_epochs, cfg.resume_every_seconds,
-                              log)
-    progress = resume.restore(model, optimizer, scaler, shuffle_gen, mask_gen)
-
-    def diverged(epoch: int, which: str, value: float, where: str = "") -> TrainingDiverged:
-        return TrainingDiverged(
-            f"{experiment.name}: training diverged at epoch {epoch}{where}: the {which} loss is {value}; "
-            f"no encoder written (try a lower learning_rate or precision fp32)"
-        )
-
-    # On an accelerator the next epoch's masks are drawn while this one trains. The mask generator's state at
-    # an epoch boundary (what the resume checkpoint keeps) is read before the next draw starts.
+    t = setup(train, val, experiment, seed, device, log, probe)
+    resume, progress = open_resume(t, resume_path, fingerprint, log)
     if masks_ahead is None:
-        masks_ahead = device.type != "cpu"
-    ahead = ThreadPoolExecutor(1, thread_name_prefix="moola-masks") if masks_ahead else None
-    upcoming: Future | None = None
-    mask_state = mask_gen.get_state()
-    show_bar = sys.stderr.isatty()
-    seconds = 0.0
-    samples_seen = 0
+        masks_ahead = t.device.type != "cpu"
+    prefetcher = MaskPrefetcher(t.draw, t.n_train, t.mask_gen, masks_ahead)
+    seconds, samples_seen = 0.0, 0
     try:
         for epoch in range(progress.epoch + 1, experiment.epochs + 1):
-            patience = cfg.early_stopping_patience
-            if patience and progress.epoch - progress.best_epoch >= patience:
-                log(f"{experiment.name}: early stopping after epoch {progress.epoch} "
-                    f"(no better validation loss for {patience} epochs; best epoch {progress.best_epoch})")
+            if _out_of_patience(experiment, progress, log):
                 break
-
-            # -- train one epoch
-            started = time.perf_counter()
-            model.train()
-            order = _pin(torch.randperm(n_train, generator=shuffle_gen), device).to(device, non_blocking=True)
-            host_masks = upcoming.result() if upcoming is not None else draw(n_train, mask_gen)
-            mask_state = mask_gen.get_state()  # after this epoch's masks, before the next epoch's
-            if ahead is not None and epoch < experiment.epochs:
-                upcoming = ahead.submit(draw, n_train, mask_gen)
-            masks = host_masks.to(device)
-            losses = torch.empty(batches, device=device)
-            bar = _bar(batches, f"{experiment.name} {epoch}/{experiment.epochs}") if show_bar else None
-            for b in range(batches):
-                rows = slice(b * cfg.batch_size, (b + 1) * cfg.batch_size)
-                x = train_x[order[rows]]
-                with torch.autocast(**autocast):
-                    pred = model(x, masks.mask[rows])
-                loss = masked_mse_at(pred, x, masks.batch(b))
-                optimizer.zero_grad(set_to_none=True)
-                if scaler is None:
-                    loss.backward()
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                    optimizer.step()
-                else:
-                    scaler.scale(loss).backward()
-                    scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                    scaler.step(optimizer)
-                    scaler.update()
-                losses[b] = loss.detach()
-                if bar is not None:
-                    bar.update(1)
-            if bar is not None:
-                bar.close()
-            if seen.get("lstm_dtype") == "float16" and scaler is None:
-                # What the probe should have prevented (moola.numerics): float16 gradients without loss scaling.
-                raise ParamsError(
-                    f"{PARAMS_FILE}: pretrain.precision {cfg.precision}: the LSTM ran in float16 without loss "
-                    "scaling, which flushes its small gradients to zero; use precision fp16 (scaled) or fp32"
-                )
-            # The epoch's one read of the training losses: the sums run in float64 in batch order, as they did
-            # when each batch's loss was read on its own.
-            loss_values = losses.tolist()
-            elapsed = time.perf_counter() - started
+            train_loss, elapsed = train_one_epoch(t, prefetcher, epoch)
             seconds += elapsed
-            samples_seen += n_train
-            for b, value in enumerate(loss_values):
-                if not math.isfinite(value):
-                    raise diverged(epoch, "training", value, f" (batch {b + 1} of {batches})")
-            loss_sum, loss_count = 0.0, 0
-            for value, count in zip(loss_values, host_masks.values):
-                loss_sum += value * count
-                loss_count += count
-            train_loss = loss_sum / loss_count
-
-            # -- validate with the fixed masks
-            val_loss = evaluate(model, val_x, val_masks, cfg.batch_size, autocast)
-            if not math.isfinite(val_loss):
-                raise diverged(epoch, "validation", val_loss)
-
-            progress.epoch = epoch
-            progress.history.append((epoch, train_loss, val_loss))
-            if epoch in snapshot_epochs:
-                progress.snapshots[epoch] = cpu_copy(model.encoder.state_dict())
-            improved = val_loss < progress.best_val_loss
-            if improved:
-                progress.best_val_loss, progress.best_epoch = val_loss, epoch
-                progress.best_state = cpu_copy(model.state_dict())
+            samples_seen += t.n_train
+            val_loss = validate(t, epoch)
+            improved = _record_epoch(progress, t.model, epoch, train_loss, val_loss, snapshot_epochs)
             log(
                 f"{experiment.name} epoch {epoch}/{experiment.epochs}: train loss {train_loss:.6f}, "
-                f"val loss {val_loss:.6f}{' (best)' if improved else ''}, {n_train / elapsed:,.0f} samples/s"
+                f"val loss {val_loss:.6f}{' (best)' if improved else ''}, {t.n_train / elapsed:,.0f} samples/s"
             )
-            resume.save_if_due(progress, model, optimizer, scaler, shuffle_gen, mask_state)
+            save_resume(resume, t, progress, prefetcher.state)
     finally:
-        hook.remove()
-        if ahead is not None:
-            ahead.shutdown(wait=True, cancel_futures=True)
-
-    assert progress.best_state is not None, "no epoch ran"
-    model.load_state_dict(progress.best_state)
-    record = numerics.record() | {"cuda": cuda_settings}
-    if "lstm_dtype" in seen:  # what really ran wins over what the probe predicted (they agree when all is well)
-        record["lstm_dtype"] = seen["lstm_dtype"]
-    return PretrainResult(
-        model=model,
-        history=list(progress.history),
-        best_val_loss=progress.best_val_loss,
-        best_epoch=progress.best_epoch,
-        epochs_planned=experiment.epochs,
-        train_samples=n_train,
-        val_samples=len(val_x),
-        batches_per_epoch=batches,
-        device=describe(device),
-        precision=numerics.ran,
-        numerics=record,
-        seconds=seconds,
-        samples_per_second=samples_seen / seconds if seconds else 0.0,
-        snapshots=dict(sorted(progress.snapshots.items())),
-    )
-
-
-@torch.no_grad()
-def evaluate(model: BiLSTMMaskedAutoencoder, x: torch.Tensor, masks: EpochMasks, batch_size: int, autocast: dict) -> float:
-    """Masked MSE over every masked value of `x` (not a mean of batch means); one read of the device."""
-    model.eval()
-    batches = math.ceil(len(x) / batch_size)
-    losses = torch.empty(batches, device=x.device)
-    for b in range(batches):
-        rows = slice(b * batch_size, (b + 1) * batch_size)
-        xb = x[rows]
-        with torch.autocast(**autocast):
-            pred = model(xb, masks.mask[rows])
-        losses[b] = masked_mse_at(pred, xb, masks.batch(b))
-    total, count = 0.0, 0
-    for value, n in zip(losses.tolist(), masks.values):
-        total += value * n
-        count += n
-    return total / count
+        t.hook.remove()
+        prefetcher.close()
+    return _result(t, progress, seconds, samples_seen)
 
 
 def masked_validation_loss(model: BiLSTMMaskedAutoencoder, val, masks: EpochMasks, batch_size: int) -> float:

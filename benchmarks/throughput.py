@@ -1,10 +1,11 @@
 """Training steps on random tensors, timed: the bare LSTM that bounds the pretraining loop, alone or in several
-processes sharing one device, and the record of the machine they ran on.
+processes sharing one device; random-walk windows for the loop; and the record of the machine they ran on.
 
-`moola doctor` measures a GPU box with it; benchmarks/ (`python -m benchmarks`, outside the package) builds its
-tables on it. A shared-device worker is this module run as a process:
+The benchmarks' common ground (`python -m benchmarks` and its measure_* modules); not part of the moola package,
+which holds no measurement (`moola doctor` runs `python -m benchmarks` for speed). A shared-device worker is this
+module run as a process:
 
-    python -m moola.throughput --device cuda --batch-size 2048 --steps 100 ...   # prints one JSON line
+    python -m benchmarks.throughput --device cuda --batch-size 2048 --steps 100 ...   # prints one JSON line
 """
 
 from __future__ import annotations
@@ -28,11 +29,12 @@ import numpy as np
 import torch
 from torch import nn
 
+import moola
 from moola.device import describe, pick_device
 from moola.errors import MoolaError, run_main
 from moola.params import FEATURES
 
-REPORT_FORMAT = "moola-bench/1"  # metrics/bench.json, written by benchmarks/ and by moola doctor
+REPORT_FORMAT = "moola-bench/1"  # metrics/bench.json, written by python -m benchmarks
 DEFAULT_JSON = "metrics/bench.json"
 SPEC_EXPERIMENT = "exp1_baseline"  # the shapes measured: its recipe, mask and batch size
 TARGET_RATIO = 0.90  # the loop's samples/s as a fraction of the bare LSTM's (issue 8)
@@ -98,9 +100,25 @@ def machine_info(device: torch.device) -> dict:
         "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
     }
     if device.type == "cuda":
+        from moola.doctor import nvidia_smi
+
+        smi = nvidia_smi() or {}
         info["cuda"] = torch.version.cuda
         info["cudnn"] = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+        info["driver"], info["gpus"] = smi.get("driver"), smi.get("gpus", [])
     return info
+
+
+# --- random inputs --------------------------------------------------------------------------------------------
+
+
+def synthetic_windows(n: int, window: int, seed: int) -> np.ndarray:
+    """Random-walk OHLC windows, min-max normalised per window: the loop's input without the pipeline."""
+    rng = np.random.default_rng(seed)
+    close = np.cumsum(rng.normal(size=(n, window, 1)), axis=1)
+    x = close + rng.normal(scale=0.3, size=(n, window, len(FEATURES)))
+    low, high = x.min(axis=(1, 2), keepdims=True), x.max(axis=(1, 2), keepdims=True)
+    return ((x - low) / (high - low)).astype(np.float32)
 
 
 # --- training steps on random tensors -----------------------------------------------------------------------
@@ -204,7 +222,7 @@ def _option(field: str) -> str:
 
 def worker_main(argv: list[str] | None = None) -> None:
     """One worker: the bare LSTM's median samples/s (and peak GPU memory) as one JSON line on stdout."""
-    parser = argparse.ArgumentParser(prog="python -m moola.throughput", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.throughput", description=__doc__.splitlines()[0])
     for f in dataclasses.fields(WorkerRun):
         parser.add_argument(_option(f.name), type={"int": int, "float": float}.get(f.type, str), required=True)
     w = WorkerRun(**vars(parser.parse_args(argv)))
@@ -220,10 +238,11 @@ def start_workers(run: WorkerRun, count: int, env: dict[str, str | None] | None 
                   peaks: list | None = None) -> list[float]:
     """`count` worker processes at once; the median samples/s of each. `env` sets (None: unsets) what only a
     process start can, such as OpenMP's wait policy."""
-    cmd = [sys.executable, "-m", "moola.throughput", *run.argv()]
-    package_root = str(Path(__file__).resolve().parents[1])
+    cmd = [sys.executable, "-m", "benchmarks.throughput", *run.argv()]
+    # Whatever the working directory: this checkout's benchmarks/ and the moola this process imported.
+    roots = [str(Path(__file__).resolve().parents[1]), str(Path(moola.__file__).resolve().parents[1])]
     full_env = {**os.environ, **(env or {}),
-                "PYTHONPATH": package_root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+                "PYTHONPATH": os.pathsep.join([*roots, os.environ.get("PYTHONPATH", "")])}
     full_env = {k: v for k, v in full_env.items() if v is not None}
     procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env)
              for _ in range(count)]

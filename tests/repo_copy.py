@@ -1,5 +1,6 @@
 """A temporary copy of this repository as a committed git + DVC repository: its code and params, never its data,
-cache or history. The tests (tests/conftest.py) and the DVC timings (benchmarks/measure_dvc.py) both use it.
+cache or history. The tests (tests/conftest.py) and the DVC timings (benchmarks/measure_dvc.py) both use it, as the
+top-level module repo_copy from this folder; the tests never import benchmarks/.
 """
 
 from __future__ import annotations
