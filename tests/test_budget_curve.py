@@ -20,6 +20,7 @@ from moola.budget_curve import BudgetResult, budget_report, run_budget, snapshot
 from moola.evaluation import HELDOUT_LIFT_METRICS
 from moola.models import load_encoder_checkpoint
 from moola.params import load_params
+from test_fits import CFG, HIDDEN, data  # the same small fits as tests/test_fits.py
 
 LIFTS = ("lift", "lift_same_schedule")
 
@@ -112,20 +113,6 @@ def test_budget_report_points_do_not_depend_on_the_windows_time_order():
 
 # --- the fits ---------------------------------------------------------------------------------------------------
 
-HIDDEN = 16
-CFG = finetuning.FinetuneConfig(
-    epochs=2, freeze_epochs=1, batch_size=8, learning_rate=1e-2, encoder_learning_rate=1e-3, weight_decay=1e-4,
-    hidden_size=HIDDEN, attention_heads=4, dropout=0.1, grad_clip=1.0, class_weighted=True,
-)
-
-
-def data(n: int = 24, steps: int = 10, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Random windows whose class shows in the last steps' close (as tests/test_finetuning.py)."""
-    rng = np.random.default_rng(seed)
-    labels = np.array([0] * (n - n // 3) + [1] * (n // 3), dtype=np.int64)
-    values = rng.random((n, steps, 4)).astype(np.float32)
-    values[labels == 1, -3:, 3] += 0.5
-    return values, labels
 
 
 def snapshots(replicates: list[str], epochs: list[int]) -> dict[str, dict[str, torch.Tensor]]:

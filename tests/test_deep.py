@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -21,12 +20,12 @@ import yaml
 from conftest import ROOT, run
 from moola import paths
 from moola.cli import DEEP_SET, TARGETS
-from moola.errors import ParamsError
 from moola.models import load_encoder_checkpoint
 from moola.params import load_params, parse_params
 from moola.stages.replicate import replicate_experiment
 from pipeline_runs import stages_run
 from test_reliability import completed_epochs  # how the suite kills a stage mid-run: poll the resume checkpoint
+from test_replicates import refused  # a one-line ParamsError naming the key
 from test_tour import SHRINK
 
 pytest_plugins = ["pipeline_runs"]
@@ -52,15 +51,6 @@ def with_sets(sets: dict[str, str]) -> dict:
             node = node[section]  # a section params.yaml lacks is a typo in the set, not a new section
         node[last] = yaml.safe_load(value)
     return raw
-
-
-def refused(raw: dict, message: str) -> str:
-    """The one-line ParamsError that parse_params raises for `raw`, checked to contain `message`."""
-    with pytest.raises(ParamsError, match=re.escape(message)) as info:
-        parse_params(raw)
-    text = str(info.value)
-    assert "\n" not in text and text.startswith("params.yaml: ")
-    return text
 
 
 # --- params -----------------------------------------------------------------------------------------------------

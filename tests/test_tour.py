@@ -32,8 +32,9 @@ SHRINK = [
     "-S", "scale.windows=0.006", "-S", "scale.epochs=0.04", "-S", "pretrain.batch_size=32",
     "-S", "pretrain.hidden_size=16", "-S", "pretrain.decoder_hidden=8", "-S", "finetune.hidden_size=16",
     "-S", "finetune.folds=2", "-S", "finetune.seeds=[1337]",
-    # The reference run's snapshots (conftest.TINY): the replicates and finetune come from the run-cache too.
-    "-S", "replicates.snapshot_epochs=[1]",
+    # The reference run's replicates and snapshots (conftest.TINY): the replicates and finetune come from the
+    # run-cache too.
+    "-S", "replicates.seeds=[101,102]", "-S", "replicates.epochs=0", "-S", "replicates.snapshot_epochs=[1]",
 ]
 # docs/experiments.md, "Comparing experiments": the recipe that makes `dvc exp show` fit a terminal.
 EXP_SHOW_RECIPE = ["--only-changed", "--drop", "Created|.*/|.*_(lo|hi)$|(pretrained|scratch|logreg|majority)_"]
@@ -60,9 +61,10 @@ def toured(reference_run, tmp_path_factory):
 
 def test_tour_runs_every_stage_through_dvc_and_prints_the_results(toured):
     repo, out = toured
-    assert out.startswith("$ dvc exp run -S scale.windows=0.04")
+    assert out.startswith("$ dvc exp run -S scale.windows=0.03")
     assert out.splitlines()[0].endswith(" finetune label_curve budget_curve")  # the tour's targets: no ablation
-    assert " -S replicates.seeds=[101,102] -S replicates.snapshot_epochs=[1,2] " in out.splitlines()[0]
+    assert (" -S replicates.seeds=[101] -S replicates.epochs=4 -S replicates.snapshot_epochs=[1,2] "
+            in out.splitlines()[0])
     for stage in ["prepare", "augment@warp12_x4", "pretrain@exp1_baseline", "pretrain@exp5_random_mask", "select",
                   "replicate@101", "replicate@102", "finetune", "label_curve", "budget_curve"]:
         assert f"Running stage '{stage}'" in out or f"Stage '{stage}' is cached" in out or (
