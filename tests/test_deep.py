@@ -26,7 +26,7 @@ from moola.stages.replicate import replicate_experiment
 from pipeline_runs import stages_run
 from test_reliability import completed_epochs  # how the suite kills a stage mid-run: poll the resume checkpoint
 from test_replicates import refused  # a one-line ParamsError naming the key
-from test_tour import SHRINK
+from test_tour import SHRINK, run_in_copy
 
 pytest_plugins = ["pipeline_runs"]
 
@@ -107,10 +107,7 @@ def test_deep_set_is_exp1_baseline_at_the_spec_depth():
 
 @pytest.fixture(scope="module")
 def deep_run(reference_run, tmp_path_factory):
-    repo = tmp_path_factory.mktemp("deep") / "repo"
-    shutil.copytree(reference_run.repo, repo, symlinks=True)
-    out = run(["python", "-m", "moola.cli", "deep", *DEEP_SHRINK], repo, timeout=1200).stdout
-    return repo, out
+    return run_in_copy(reference_run, tmp_path_factory, "deep", DEEP_SHRINK)
 
 
 @pytest.mark.integration

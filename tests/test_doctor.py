@@ -27,6 +27,14 @@ def doctor(*args: str, path_prefix: str = "", cwd: Path = ROOT) -> subprocess.Co
                           capture_output=True, text=True, timeout=600)
 
 
+def checks_printed(text: str) -> None:
+    """Doctor's checks on this CPU, whatever follows them: versions, the LSTM's dtype, TF32 and the bf16 line."""
+    assert f"torch {torch.__version__}" in text and "device cpu" in text
+    assert "precision fp32: autocast off, LSTM runs in float32" in text
+    assert "TF32 off (pretrain.tf32: False)" in text
+    bf16_line(text)
+
+
 def bf16_line(text: str) -> None:
     """On a CPU: whether bf16 runs here, as pretraining decides it."""
     if probe_lstm_dtype(torch.device("cpu"), torch.bfloat16)[0] == "bfloat16":
@@ -64,10 +72,7 @@ def test_without_the_checkout_the_checks_run_and_one_line_says_where_speed_is_me
     proc = doctor("--quick", "--json", str(tmp_path / "never.json"), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     text = proc.stdout
-    assert f"torch {torch.__version__}" in text and "device cpu" in text
-    assert "precision fp32: autocast off, LSTM runs in float32" in text
-    assert "TF32 off (pretrain.tf32: False)" in text
-    bf16_line(text)
+    checks_printed(text)
     speed = [line for line in text.splitlines() if line.startswith("speed:")]
     assert len(speed) == 1 and "`python -m benchmarks`" in speed[0] and "from a checkout" in speed[0]
     assert text.rstrip().endswith(speed[0])
@@ -80,10 +85,7 @@ def test_in_the_checkout_it_runs_the_benchmark_with_its_options(tmp_path):
     proc = doctor("--quick", "--share", "1", "--json", str(out))
     assert proc.returncode == 0, proc.stderr
     text = proc.stdout
-    assert f"torch {torch.__version__}" in text and "device cpu" in text
-    assert "precision fp32: autocast off, LSTM runs in float32" in text
-    assert "TF32 off (pretrain.tf32: False)" in text
-    bf16_line(text)
+    checks_printed(text)
     command = f"python -m benchmarks --no-dvc --quick --share 1 --json {out}"
     assert f"speed: $ {command}" in text
     # The benchmark's table, after doctor's lines.

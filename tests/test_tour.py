@@ -51,12 +51,16 @@ def _metric_names(entry: dict) -> set[str]:
             for name in flat(m.get("data") or {})}
 
 
+def run_in_copy(reference_run, tmp_path_factory, command: str, options: list[str]) -> tuple[Path, str]:
+    """`moola <command> <options>` in a copy of the reference run: the repository and what the command printed."""
+    repo = tmp_path_factory.mktemp(command) / "repo"
+    shutil.copytree(reference_run.repo, repo, symlinks=True)
+    return repo, run(["python", "-m", "moola.cli", command, *options], repo, timeout=1200).stdout
+
+
 @pytest.fixture(scope="module")
 def toured(reference_run, tmp_path_factory):
-    repo = tmp_path_factory.mktemp("tour") / "repo"
-    shutil.copytree(reference_run.repo, repo, symlinks=True)
-    out = run(["python", "-m", "moola.cli", "tour", *SHRINK], repo, timeout=1200).stdout
-    return repo, out
+    return run_in_copy(reference_run, tmp_path_factory, "tour", SHRINK)
 
 
 def test_tour_runs_every_stage_through_dvc_and_prints_the_results(toured):

@@ -3,8 +3,9 @@
     python -m moola.stages.replicate --seed 101
 
 The experiment is the one select chose (metrics/select.json), or the one replicates.experiment names; its settings
-come from params.yaml, its epochs from replicates.epochs (0: the experiment's own). The seed decides the initialisation, the masks and the batch order:
-the runs differ in nothing else, so the spread of the answer across them is the spread of pretraining itself.
+come from params.yaml, its epochs from replicates.epochs (0: the experiment's own). The seed decides the
+initialisation, the masks and the batch order: the runs differ in nothing else, so the spread of the answer across
+them is the spread of pretraining itself.
 Writes data/replicates/seed<seed>/ (encoder.pt, the best validation epoch's as pretrain keeps it, and
 epoch_<e>.pt, the encoder as it is after epoch e, for each of replicates.snapshot_epochs and the last epoch),
 metrics/replicates/seed<seed>.json and plots/replicates/seed<seed>.csv. Resumes like pretrain after a kill.
