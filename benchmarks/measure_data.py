@@ -7,7 +7,7 @@ import numpy as np
 
 from benchmarks.harness import Settings, timed
 from benchmarks.throughput import SPEC_EXPERIMENT, median
-from moola.augment import augment_windows
+from moola.augmentation import augment_windows
 from moola.params import FEATURES, Params
 from moola.stages.augment import augment_arguments
 from moola.windows import cut_windows, normalise
@@ -69,7 +69,7 @@ def bench_data(p: Params, s: Settings) -> tuple[dict, dict]:
 
     train = unlabeled.values[unlabeled.split == "train"]
     val = unlabeled.values[unlabeled.split == "val"]
-    recipe_name = p.experiment(SPEC_EXPERIMENT).train.augment
+    recipe_name = p.experiment(SPEC_EXPERIMENT).augment
     # The stage's own arguments (its seed formula included): the bench augments what `dvc repro augment` does.
     kwargs = augment_arguments(p, recipe_name)
     augment_runs, augmented = timed(lambda: augment_windows(train, **kwargs), s.data_repeats)

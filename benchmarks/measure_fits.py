@@ -24,7 +24,6 @@ import torch
 from benchmarks.throughput import machine_info, median, synthetic_windows
 from moola import io
 from moola.errors import run_main
-from moola.finetuning import FinetuneConfig
 from moola.fits import Fit, Shared, run_fits
 from moola.params import load_params
 
@@ -41,7 +40,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
     p = load_params()
-    cfg = FinetuneConfig.from_params(p)
+    cfg = p.finetune
     if args.epochs:
         cfg = dataclasses.replace(cfg, epochs=args.epochs, freeze_epochs=min(cfg.freeze_epochs, args.epochs - 1))
     values = synthetic_windows(args.windows + args.heldout, p.data.window, seed=0).astype(np.float32)
@@ -55,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
         for workers, threads in ARRANGEMENTS:
             name = f"{workers} worker{'s' if workers > 1 else ''} x {threads} thread{'s' if threads > 1 else ''}"
             torch.set_num_threads(threads)
-            shared = Shared(values, labels, heldout, {}, cfg, "cpu", threads)
+            shared = Shared(values, labels, heldout, {}, cfg, None, "cpu", threads)
             started = time.perf_counter()
             runs = run_fits(fits, shared, workers)
             seconds.setdefault(name, []).append(time.perf_counter() - started)

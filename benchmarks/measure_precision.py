@@ -91,25 +91,26 @@ def bench_loop(p, batch_sizes: list[int], samples: int, repeats: int, window: in
 
 def bench_finetune(p, epochs: int, repeats: int, window: int, device: torch.device) -> dict:
     """One fold of fine-tuning (scratch init: every parameter trains), fp32 and bf16 taking turns."""
-    from moola.finetuning import FinetuneConfig, train_fold
+    from moola.finetuning import train_fold
 
     n = p.data.labeled_windows
     values = synthetic_windows(n, window, p.seed)
     labels = (np.arange(n) % 3 == 0).astype(np.int64)
     train, test = np.arange(n) >= n // 5, np.arange(n) < n // 5
-    base = dataclasses.replace(FinetuneConfig.from_params(p), epochs=epochs, freeze_epochs=0)
-    cfgs = {name: dataclasses.replace(base, numerics=decide(device, name, False)) for name in PRECISIONS}
+    base = dataclasses.replace(p.finetune, epochs=epochs, freeze_epochs=0)
+    numerics = {name: decide(device, name, False) for name in PRECISIONS}
     use_threads(device, p.finetune.threads)
     runs: dict[str, list[float]] = {name: [] for name in PRECISIONS}
     for rep in range(repeats + 1):  # the first round warms up
-        for name, cfg in cfgs.items():
+        for name, decided in numerics.items():
             began = time.perf_counter()
-            train_fold(values[train], labels[train], values[test], labels[test], cfg, None, p.seed, device)
+            train_fold(values[train], labels[train], values[test], labels[test], base, None, p.seed, device,
+                       numerics=decided)
             if rep:
                 runs[name].append((time.perf_counter() - began) / epochs)
     out: dict = {"fold_windows": int(train.sum()), "epochs_timed": epochs, "batch_size": base.batch_size}
     for name in PRECISIONS:
-        out[name] = {"seconds_per_epoch": median(runs[name]), "runs": runs[name], "ran": cfgs[name].numerics.ran}
+        out[name] = {"seconds_per_epoch": median(runs[name]), "runs": runs[name], "ran": numerics[name].ran}
     out["bf16_vs_fp32_time"] = out["bf16"]["seconds_per_epoch"] / out["fp32"]["seconds_per_epoch"]
     return out
 

@@ -159,10 +159,10 @@ def compare_precision(p: Params, s: Settings, train: np.ndarray, val: np.ndarray
 
 def bench_finetune(p: Params, s: Settings, labeled) -> dict:
     from moola.device import use_threads
-    from moola.finetuning import FinetuneConfig, fold_splits, train_fold
+    from moola.finetuning import fold_splits, train_fold
 
     epochs = 1 if s.quick else 3
-    cfg = dataclasses.replace(FinetuneConfig.from_params(p), epochs=epochs, freeze_epochs=0)
+    cfg = dataclasses.replace(p.finetune, epochs=epochs, freeze_epochs=0)
     train, test = fold_splits(labeled.label, p.finetune.folds, p.seed)[0]
     use_threads(s.device, p.finetune.threads)
 

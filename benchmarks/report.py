@@ -27,7 +27,7 @@ def spec_estimate(p: Params, loop_sps: float, epoch_other_s: float, finetune_epo
     # finetune trains every network init (pretrained, scratch, scratch_same_schedule); each finetune_ablation@<exp>
     # trains the pretrained init only.
     fold_runs = ft.folds * len(ft.seeds) * (len(NETWORK_INITS) + len(spec.experiments))
-    finetune_s = fold_runs * spec.finetune_epochs * finetune_epoch_s
+    finetune_s = fold_runs * spec.finetune.epochs * finetune_epoch_s
     total = prepare_s + augment_s + pretrain_s + finetune_s
     return {
         "experiments": experiments,

@@ -40,7 +40,7 @@ def _params(**data):
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     base = {"labels": "user/labels.csv", "test_labels": "user/test_labels.csv", "unlabeled_windows": 300,
             "labeled_windows": 4}
-    return parse_params({**raw, "data": {**base, **data}, "finetune": {**raw["finetune"], "folds": 2}})
+    return parse_params({**raw, "data": {**raw["data"], **base, **data}, "finetune": {**raw["finetune"], "folds": 2}})
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from moola.augment import augment_windows, jitter, magnitude_scale, time_warp
+from moola.augmentation import augment_windows, jitter, magnitude_scale, time_warp
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from conftest import ROOT, make_repo, run
-from moola.augment import augment_windows
+from moola.augmentation import augment_windows
 from moola.params import ScaleParams, load_params
 from moola.windows import cut_windows, normalise
 
@@ -215,7 +215,7 @@ def test_the_bench_augments_what_the_augment_stage_writes(tmp_path):
     """Same params -> the same windows: the bench times the stages' own data, its seed formula included."""
     scale = 0.01
     repo = make_repo(tmp_path / "repo", {"scale": {"windows": scale}}, git=False)
-    recipe = load_params(ROOT / "params.yaml").experiment(throughput.SPEC_EXPERIMENT).train.augment
+    recipe = load_params(ROOT / "params.yaml").experiment(throughput.SPEC_EXPERIMENT).augment
     for stage in (["example_market"], ["prepare"], ["augment", "--recipe", recipe]):
         run([sys.executable, "-m", f"moola.stages.{stage[0]}", *stage[1:]], repo)
     written = np.load(repo / f"data/augmented/{recipe}.npy")

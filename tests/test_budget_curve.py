@@ -15,8 +15,8 @@ from sklearn.metrics import balanced_accuracy_score, matthews_corrcoef
 from torch import nn
 
 from conftest import make_repo, run
-from moola import budget_curve, finetuning
-from moola.budget_curve import BudgetResult, budget_report, run_budget, snapshot_key
+from moola import finetuning, pretraining_budget
+from moola.pretraining_budget import BudgetResult, budget_report, run_budget, snapshot_key
 from moola.evaluation import HELDOUT_LIFT_METRICS
 from moola.models import load_encoder_checkpoint
 from moola.params import load_params
@@ -79,7 +79,7 @@ def test_budget_report_layout_and_its_lift_is_the_mean_difference_over_pairs():
                           (matthews_corrcoef, "mcc")):
         pretrained = mean_over_pairs(score, labels, result.pretrained[2])
         assert two["pretrained"][metric]["point"] == pytest.approx(pretrained, abs=1e-6), metric
-        for name, row in zip(LIFTS, budget_curve.SCRATCH_ROWS):
+        for name, row in zip(LIFTS, pretraining_budget.SCRATCH_ROWS):
             expected = pretrained - mean_over_pairs(score, labels, result.scratch[row])
             assert two[name][metric]["point"] == pytest.approx(expected, abs=1e-6), (name, metric)
     # 25 points of accuracy over 300 windows and 6 pairs: an interval well clear of 0; after 1 epoch, nothing.
@@ -142,9 +142,9 @@ def test_run_budget_shapes_and_scratch_rows_that_no_snapshot_changes(keep_torch_
     assert snapshot_key("r2", 3) == "r2@3" and len(weights) == 4
     full = run_budget(values, labels, heldout, CFG, weights, [1, 3], replicates, seeds)
     assert (full.epochs, full.replicates, full.seeds) == ([1, 3], replicates, seeds)
-    assert set(full.pretrained) == {1, 3} and set(full.scratch) == set(budget_curve.SCRATCH_ROWS)
+    assert set(full.pretrained) == {1, 3} and set(full.scratch) == set(pretraining_budget.SCRATCH_ROWS)
     assert all(full.pretrained[e].shape == (2, 2, 7) for e in (1, 3))
-    assert all(full.scratch[row].shape == (2, 7) for row in budget_curve.SCRATCH_ROWS)
+    assert all(full.scratch[row].shape == (2, 7) for row in pretraining_budget.SCRATCH_ROWS)
     assert set(np.unique(np.concatenate([full.pretrained[1].ravel(), full.scratch["scratch"].ravel()]))) <= {0, 1}
 
     # (replicate, seed) in that order: each cell is the fit from that replicate's snapshot with that seed's start.
@@ -152,14 +152,14 @@ def test_run_budget_shapes_and_scratch_rows_that_no_snapshot_changes(keep_torch_
     for r, replicate in enumerate(replicates):
         for s, seed in enumerate(seeds):
             fitted = finetuning.train_init("pretrained", values, labels, None, None, CFG, weights[f"{replicate}@3"],
-                                           budget_curve._train_seed(seed), "cpu", x_heldout=heldout)
+                                           pretraining_budget._train_seed(seed), "cpu", x_heldout=heldout)
             assert np.array_equal(full.pretrained[3][r, s], fitted.heldout_proba.argmax(axis=1)), (replicate, seed)
 
     # Only epoch 3's snapshots: the same scratch rows (they never see an encoder) and the same epoch-3 row.
     only_last = {k: v for k, v in weights.items() if k.endswith("@3")}
     part = run_budget(values, labels, heldout, CFG, only_last, [3], replicates, seeds)
     assert list(part.pretrained) == [3] and np.array_equal(part.pretrained[3], full.pretrained[3])
-    for row in budget_curve.SCRATCH_ROWS:
+    for row in pretraining_budget.SCRATCH_ROWS:
         assert np.array_equal(part.scratch[row], full.scratch[row]), row
 
 

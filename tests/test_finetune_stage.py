@@ -67,7 +67,7 @@ def test_finetune_metrics_layout(pipeline):
     assert set(report["criteria"]) == {"accuracy_above_64pct", "retracement_recall_above_40pct",
                                        "every_class_recall_above_30pct", "all_met"}
     assert report["windows"] == 89 and report["folds"] == p.finetune.folds and report["seeds"] == p.finetune.seeds
-    assert report["epochs"] == p.finetune_epochs == 2 and report["freeze_epochs"] == p.freeze_epochs == 1
+    assert report["epochs"] == p.finetune.epochs == 2 and report["freeze_epochs"] == p.finetune.freeze_epochs == 1
     assert (report["precision"], report["precision_why"]) == ("fp32", "fp32 as asked")
 
     selected = json.loads((pipeline / "metrics/select.json").read_text())

@@ -9,14 +9,18 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import ROOT
 from moola import finetuning
 from moola.errors import ParamsError
 from moola.numerics import Numerics, probe_lstm_dtype
-from moola.params import FinetuneParams
+from moola.params import load_params
 
+# finetune: as the repository's params.yaml has it, asking for fp32 (what precision decides is tested below).
+SPEC = dataclasses.replace(load_params(ROOT / "params.yaml").finetune, precision="fp32", tf32=False)
 HIDDEN = 16
-CFG = finetuning.FinetuneConfig(
-    epochs=3, freeze_epochs=2, batch_size=8, learning_rate=1e-2, encoder_learning_rate=1e-3, weight_decay=1e-4,
+# A small model trained for 3 epochs, 2 of them frozen.
+FT = dataclasses.replace(
+    SPEC, epochs=3, freeze_epochs=2, batch_size=8, learning_rate=1e-2, encoder_learning_rate=1e-3, weight_decay=1e-4,
     hidden_size=HIDDEN, attention_heads=4, dropout=0.1, grad_clip=1.0, class_weighted=True,
 )
 
@@ -42,7 +46,7 @@ def snapshots(init_state):
     def on_epoch(epoch, model, optimizer):
         seen[epoch] = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
-    finetuning.train_fold(x[:18], y[:18], x[18:], y[18:], CFG, init_state, seed=1, on_epoch=on_epoch)
+    finetuning.train_fold(x[:18], y[:18], x[18:], y[18:], FT, init_state, seed=1, on_epoch=on_epoch)
     return seen
 
 
@@ -64,11 +68,11 @@ def test_scratch_lstm_trains_from_the_first_epoch():
 
 def test_same_seed_same_predictions_different_seed_different():
     x, y, _ = data()
-    run = lambda seed: finetuning.train_fold(x[:18], y[:18], x[18:], y[18:], CFG, encoder_state(), seed)  # noqa: E731
+    run = lambda seed: finetuning.train_fold(x[:18], y[:18], x[18:], y[18:], FT, encoder_state(), seed)  # noqa: E731
     a, b, c = run(1), run(1), run(2)
     assert np.array_equal(a.proba, b.proba) and a.train_loss == b.train_loss
     assert not np.array_equal(a.proba, c.proba)
-    assert len(a.train_loss) == len(a.val_loss) == CFG.epochs
+    assert len(a.train_loss) == len(a.val_loss) == FT.epochs
     assert np.allclose(a.proba.sum(axis=1), 1.0)
 
 
@@ -84,7 +88,7 @@ def schedule(init):
         assert len(trains) == 1
         seen.append((epoch, lstm_group["lr"], trains.pop(), other_group["lr"]))
 
-    finetuning.train_init(init, x[:18], y[:18], x[18:], y[18:], CFG, encoder_state(), 1, "cpu", on_epoch=on_epoch)
+    finetuning.train_init(init, x[:18], y[:18], x[18:], y[18:], FT, encoder_state(), 1, "cpu", on_epoch=on_epoch)
     return seen
 
 
@@ -104,7 +108,7 @@ def test_schedule_matched_control_shares_scratchs_lstm_and_every_heads_start():
             if epoch == 1:
                 starts[init] = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
-        finetuning.train_init(init, x[:18], y[:18], None, None, CFG, encoder_state(), 1, "cpu", on_epoch=first)
+        finetuning.train_init(init, x[:18], y[:18], None, None, FT, encoder_state(), 1, "cpu", on_epoch=first)
     # Frozen in epoch 1, the two LSTMs on the pretrained schedule are still their starts: scratch's random LSTM
     # (the same fold seed builds the same model) and the encoder's forward direction.
     torch.manual_seed(1)
@@ -129,11 +133,11 @@ def test_too_many_folds_for_the_smallest_class():
 
 def test_run_oof_predicts_every_window_once_per_seed_and_init():
     x, y, ids = data()
-    cfg = dataclasses.replace(CFG, epochs=2, freeze_epochs=1)
+    ft = dataclasses.replace(FT, epochs=2, freeze_epochs=1)
     inits = ("pretrained", "scratch", "scratch_same_schedule", "majority", "logreg")
     logged = []
     other = {k: v + 0.01 for k, v in encoder_state().items()}  # a second pretraining replicate
-    result = finetuning.run_oof(x, y, ids, cfg, [1337, 1338], 3, inits, {"r1": encoder_state(), "r2": other},
+    result = finetuning.run_oof(x, y, ids, ft, [1337, 1338], 3, inits, {"r1": encoder_state(), "r2": other},
                                 log=logged.append, heldout_values=x[:5])
     # Per seed, the mean of that seed's 3 fold models: seeds stay apart so that they can be resampled; the
     # pretrained row has one such set per replicate.
@@ -179,20 +183,20 @@ CPU = torch.device("cpu")
 REFUSAL = "could not create a primitive descriptor for the LSTM forward propagation primitive"
 
 
-def fold(cfg, init=None):
+def fold(ft, init=None, numerics=None):
     x, y, _ = data()
-    return finetuning.train_fold(x[:18], y[:18], x[18:], y[18:], cfg, init, seed=1)
+    return finetuning.train_fold(x[:18], y[:18], x[18:], y[18:], ft, init, seed=1, numerics=numerics)
 
 
 def test_precision_fp32_and_a_refused_bf16_keep_the_default_bytes():
-    plain = fold(CFG, encoder_state())
+    plain = fold(FT, encoder_state())
     lines: list[str] = []
-    refused = finetuning.finetune_numerics(FinetuneParams(precision="bf16"), CPU, lines.append,
+    refused = finetuning.finetune_numerics(dataclasses.replace(SPEC, precision="bf16"), CPU, lines.append,
                                            probe=lambda device, dtype: ("", REFUSAL))
     assert refused.ran == "fp32" and lines == [f"fine-tuning: oneDNN refuses a bf16 LSTM on this CPU ({REFUSAL}): "
                                                "running fp32 (the fp32 bytes)"]
-    for numerics in (finetuning.finetune_numerics(FinetuneParams(), CPU, lines.append), refused):
-        again = fold(dataclasses.replace(CFG, numerics=numerics), encoder_state())
+    for numerics in (finetuning.finetune_numerics(SPEC, CPU, lines.append), refused):
+        again = fold(FT, encoder_state(), numerics)
         assert np.array_equal(again.proba, plain.proba) and again.train_loss == plain.train_loss
     assert len(lines) == 1  # fp32 as asked: nothing to say
 
@@ -200,17 +204,17 @@ def test_precision_fp32_and_a_refused_bf16_keep_the_default_bytes():
 def test_bf16_with_the_lstm_outside_autocast_trains():
     """The CUDA fallback (cuDNN would run the LSTM in float16), run on the CPU: SimpleLSTM's LSTM leaves autocast."""
     numerics = Numerics("bf16", torch.bfloat16, False, False, "float32", False, "test")
-    run = fold(dataclasses.replace(CFG, epochs=6, freeze_epochs=0, numerics=numerics))
+    run = fold(dataclasses.replace(FT, epochs=6, freeze_epochs=0), numerics=numerics)
     assert run.train_loss[-1] < run.train_loss[0] and np.isfinite(run.proba).all()
 
 
 @pytest.mark.skipif(probe_lstm_dtype(CPU, torch.bfloat16)[0] != "bfloat16",
                     reason="this CPU's oneDNN does not run the LSTM in bf16 (the fallback is tested above)")
 def test_bf16_on_a_cpu_that_runs_it_trains_and_is_deterministic():
-    numerics = finetuning.finetune_numerics(FinetuneParams(precision="bf16"), CPU, lambda _: None)
+    numerics = finetuning.finetune_numerics(dataclasses.replace(SPEC, precision="bf16"), CPU, lambda _: None)
     assert (numerics.ran, numerics.lstm_dtype) == ("bf16", "bfloat16")
-    cfg = dataclasses.replace(CFG, epochs=6, freeze_epochs=0, numerics=numerics)
-    first, second = fold(cfg), fold(cfg)
+    ft = dataclasses.replace(FT, epochs=6, freeze_epochs=0)
+    first, second = fold(ft, numerics=numerics), fold(ft, numerics=numerics)
     assert first.train_loss[-1] < first.train_loss[0]
     assert np.array_equal(first.proba, second.proba) and first.train_loss == second.train_loss
-    assert not np.array_equal(first.proba, fold(dataclasses.replace(cfg, numerics=None)).proba)
+    assert not np.array_equal(first.proba, fold(ft).proba)

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
+from conftest import ROOT
 from moola import finetuning, fits
 from moola.fits import Fit, Shared, run_fits, worker_count
+from moola.params import load_params
 
 HIDDEN = 16
-CFG = finetuning.FinetuneConfig(
+# finetune: for small fits: the repository's params.yaml with a small model trained for 2 epochs (1 frozen).
+CFG = dataclasses.replace(
+    load_params(ROOT / "params.yaml").finetune,
     epochs=2, freeze_epochs=1, batch_size=8, learning_rate=1e-2, encoder_learning_rate=1e-3, weight_decay=1e-4,
     hidden_size=HIDDEN, attention_heads=4, dropout=0.1, grad_clip=1.0, class_weighted=True,
 )
@@ -52,7 +58,7 @@ def shared_and_fits() -> tuple[Shared, list[Fit]]:
         Fit("scratch", rows, seed=12),
         Fit("scratch_same_schedule", train, seed=13, test=test),
     ]
-    shared = Shared(values, labels, heldout, {"r1": encoder_state()}, CFG, "cpu", threads=1)
+    shared = Shared(values, labels, heldout, {"r1": encoder_state()}, CFG, None, "cpu", threads=1)
     return shared, fit_list
 
 

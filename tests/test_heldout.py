@@ -12,7 +12,7 @@ import pytest
 import yaml
 from conftest import ROOT, run
 
-from moola import evaluation, label_curve, market
+from moola import evaluation, label_efficiency, market
 from moola.errors import DataError
 from moola.params import parse_params
 from moola.preparation import prepare
@@ -137,8 +137,8 @@ def test_reference_run_label_curve_is_well_formed_and_plotted(reference_run):
     assert list(curve["sizes"]) == ["20", "45"] and curve["skipped_sizes"] == []
     assert curve["precision"] == "fp32"
     for entry in curve["sizes"].values():
-        for model in label_curve.MODELS:
-            for metric in label_curve.CURVE_METRICS:
+        for model in label_efficiency.MODELS:
+            for metric in label_efficiency.SCORED_METRICS:
                 m = entry[model][metric]
                 assert m["ci_low"] <= m["point"] <= m["ci_high"]
                 assert m["seed_min"] == m["seed_max"] == m["point"]  # one seed: its value is the mean
@@ -153,7 +153,7 @@ def test_reference_run_label_curve_is_well_formed_and_plotted(reference_run):
     test = read_windows(repo / TEST_FILE)
     assert curve["sizes"]["20"]["majority"]["accuracy"]["point"] == pytest.approx(np.mean(test.label == 0), abs=1e-6)
     table = pd.read_csv(repo / "plots/label_curve.csv")
-    assert len(table) == 2 * len(label_curve.MODELS)
+    assert len(table) == 2 * len(label_efficiency.MODELS)
     row = table[(table["labels"] == 45) & (table["model"] == "pretrained")].iloc[0]
     assert row["mcc"] == pytest.approx(curve["sizes"]["45"]["pretrained"]["mcc"]["point"], abs=1e-6)
     # `dvc plots show` renders both curves with the project's band template (lines and interval bands), and the
@@ -186,9 +186,9 @@ def small_market():
 
 
 def _params(labels="user/labels.csv", test_labels="user/test_labels.csv", **data):
-    return parse_params({**yaml.safe_load((ROOT / "params.yaml").read_text()),
-                         "data": {"labels": labels, "test_labels": test_labels, "unlabeled_windows": 300,
-                                  "labeled_windows": 40, **data}})
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    return parse_params({**raw, "data": {**raw["data"], "labels": labels, "test_labels": test_labels,
+                                         "unlabeled_windows": 300, "labeled_windows": 40, **data}})
 
 
 def test_user_test_labels_overlapping_labels_are_refused_in_one_line(small_market):
@@ -242,11 +242,11 @@ def test_heldout_report_intervals_match_sklearn_points():
 
 def test_curve_draws_are_stratified_seeded_and_whole_pool_at_its_size():
     labels = np.array([0] * 64 + [1] * 36)
-    a, b = label_curve.draw_labeled(labels, 20, 7), label_curve.draw_labeled(labels, 20, 7)
+    a, b = label_efficiency.draw_labeled(labels, 20, 7), label_efficiency.draw_labeled(labels, 20, 7)
     assert np.array_equal(a, b) and len(np.unique(a)) == 20
     assert np.bincount(labels[a]).tolist() == [13, 7]  # the pool's 64/36 share, rounded
-    assert not np.array_equal(a, label_curve.draw_labeled(labels, 20, 8))
-    assert np.array_equal(label_curve.draw_labeled(labels, 100, 7), np.arange(100))
+    assert not np.array_equal(a, label_efficiency.draw_labeled(labels, 20, 8))
+    assert np.array_equal(label_efficiency.draw_labeled(labels, 100, 7), np.arange(100))
 
 
 def test_own_bars_with_the_example_heldout_labels_are_refused_naming_the_param():
@@ -255,8 +255,8 @@ def test_own_bars_with_the_example_heldout_labels_are_refused_naming_the_param()
 
     p = _params()  # the user's own labels and held-out labels: fine
     check_test_labels_follow_bars(p.data)
-    mixed = parse_params({**yaml.safe_load((ROOT / "params.yaml").read_text()),
-                          "data": {"bars": "data/raw/bars.csv", "labels": "data/raw/labels.csv"}})
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    mixed = parse_params({**raw, "data": {**raw["data"], "bars": "data/raw/bars.csv", "labels": "data/raw/labels.csv"}})
     with pytest.raises(ParamsError) as info:
         check_test_labels_follow_bars(mixed.data)
     message = str(info.value)

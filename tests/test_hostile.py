@@ -25,9 +25,10 @@ from conftest import ROOT, write_raw_files
 from moola import io
 from moola.errors import DataError, OutputError, run_main
 from moola.market import generate_market
-from moola.params import DataParams, parse_params
+from moola.params import load_params, parse_params
 
 PRICES = ["open", "high", "low", "close"]
+SPEC_DATA = load_params(ROOT / "params.yaml").data
 
 
 def spec() -> dict:
@@ -130,7 +131,7 @@ def test_heldout_of_one_class_when_allowed_writes_null_with_the_reason_and_the_r
 
 
 def test_the_label_curve_on_one_class_writes_null_not_nan(tmp_path):
-    from moola.label_curve import MODELS, CurveResult, curve_report
+    from moola.label_efficiency import MODELS, CurveResult, curve_report
 
     rng = np.random.default_rng(1)
     result = CurveResult([20], [], {(20, m): rng.integers(0, 2, size=(1, 40)) for m in MODELS})
@@ -182,11 +183,11 @@ def test_own_data_with_large_windows_is_not_held_to_the_example_markets_size():
                        test_labels="data/raw/test_labels.csv")
     p = parse_params(raw)
     assert p.data.window == 600
-    # The example_market stage still runs in a plain `dvc repro`: at its default size, since nothing reads it.
-    from moola.stages.example_market import example_sizes
+    # The example_market stage still runs in a plain `dvc repro`: at the reference sizes, since nothing reads it.
+    from moola.stages.example_market import FALLBACK_SIZES, example_sizes
 
     sized = example_sizes(p.data)
-    assert sized.window == DataParams().window and sized.bars == "data/raw/bars.parquet"
+    assert sized.window == FALLBACK_SIZES["window"] == 105 and sized.bars == "data/raw/bars.parquet"
     assert example_sizes(dataclasses.replace(p.data, window=105)).window == 105
 
 
@@ -223,7 +224,7 @@ def test_a_tiny_low_is_refused_too():
 
     with pytest.raises(DataError, match=r"^data/raw/bars.csv: row 701, field 'high': bar has .*low=1e-300.*its high "
                                         r"is x.* its low, more than data.outlier_threshold=500"):
-        check_outliers(bars, DataParams(bars="data/raw/bars.csv"))
+        check_outliers(bars, dataclasses.replace(SPEC_DATA, bars="data/raw/bars.csv"))
 
 
 def test_outliers_dropped_when_the_user_says_so(tmp_path, monkeypatch, capsys):
@@ -245,7 +246,7 @@ def test_a_jump_that_stays_is_refused_even_when_dropping():
     bars, _ = good_files()
     bars.loc[1000:, PRICES] *= 1000  # an unadjusted split, say
     with pytest.raises(DataError) as info:
-        check_outliers(bars, DataParams(bars="bars.csv", drop_outliers=True))
+        check_outliers(bars, dataclasses.replace(SPEC_DATA, bars="bars.csv", drop_outliers=True))
     assert str(info.value).startswith("bars.csv: row 1001, field 'close': ") and str(info.value).endswith(
         "a jump that stays is no spike to drop: adjust the prices (a split?) or fix the file")
 

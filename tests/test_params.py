@@ -30,7 +30,7 @@ def test_spec_is_the_default():
         "exp4_block_mask": (75, "block", 0.12, 4),
         "exp5_random_mask": (75, "random", 0.12, 4),
     }
-    assert p.experiment("exp1_baseline").train == p.pretrain  # exp1 is exactly the top-level defaults
+    assert p.experiment("exp1_baseline").train == p.pretrain  # no overrides: exp1 trains with `pretrain` as it is
     assert p.pretrain.hidden_size == 128 and p.pretrain.mask_ratio == 0.15
     assert p.finetune.hidden_size == 128 and p.finetune.attention_heads == 8 and p.finetune.folds == 5
 
@@ -42,9 +42,9 @@ def test_scale_shrinks_windows_and_pretraining_epochs_not_the_table():
     p = parse_params(raw)
     assert p.unlabeled_windows == 119
     assert [e.epochs for e in p.all_experiments()] == [8, 5, 10, 8, 8]
-    assert p.experiment("exp3_aggressive").train.epochs == 100  # the literal spec number is kept
+    assert p.experiments["exp3_aggressive"]["epochs"] == 100  # the literal spec number is kept
     # Fine-tuning is never scaled: a classifier cut to a few epochs does not train.
-    assert p.finetune_epochs == 60 and p.freeze_epochs == 10
+    assert (p.finetune.epochs, p.finetune.freeze_epochs) == (60, 10)
 
 
 def test_top_level_mask_reaches_only_experiments_without_their_own():
@@ -65,8 +65,20 @@ def test_top_level_mask_reaches_only_experiments_without_their_own():
     [
         (lambda r: r.update(colour="red"), "unknown key 'colour'"),
         (lambda r: r["pretrain"].update(epoch=3), "unknown key 'pretrain.epoch'"),
-        (lambda r: r["pretrain"].update(epochs="many"), "pretrain.epochs must be an integer, got 'many'"),
-        (lambda r: r["pretrain"].update(epochs=0), "pretrain.epochs must be greater than 0, got 0"),
+        (lambda r: r["experiments"]["exp2_conservative"].update(epochs="many"),
+         "experiments.exp2_conservative.epochs must be an integer, got 'many'"),
+        (lambda r: r["experiments"]["exp2_conservative"].update(epochs=0),
+         "experiments.exp2_conservative.epochs must be greater than 0, got 0"),
+        # Every value lives in params.yaml: nothing falls back to a default in the code.
+        (lambda r: r["pretrain"].pop("learning_rate"), "missing key 'pretrain.learning_rate' (a number expected)"),
+        (lambda r: r["experiments"]["exp1_baseline"].pop("epochs"), "missing key 'experiments.exp1_baseline.epochs'"),
+        (lambda r: r["pretrain"].update(epochs=75), "unknown key 'pretrain.epochs'"),
+        # mask_from is the param dvc.yaml makes pretrain@<name> depend on: it must be the one that decides the mask.
+        (lambda r: r["experiments"]["exp1_baseline"].update(mask="block"),
+         "experiments.exp1_baseline.mask_from must be 'experiments.exp1_baseline.mask', the param that decides its "
+         "own mask, got 'mask'"),
+        (lambda r: r["experiments"]["exp4_block_mask"].pop("mask"),
+         "experiments.exp4_block_mask.mask_from must be 'mask', the param that decides the top-level mask"),
         (lambda r: r["pretrain"].update(batch_size=-4), "pretrain.batch_size must be greater than 0"),
         (lambda r: r.update(mask="stripes"), "mask must be one of 'random', 'block', 'patch', got 'stripes'"),
         (lambda r: r["experiments"]["exp4_block_mask"].update(mask="dots"), "experiments.exp4_block_mask.mask"),

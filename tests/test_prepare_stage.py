@@ -256,9 +256,10 @@ def one_line_refusal(proc, message: str) -> str:
 EARLY_REFUSALS = {
     "empty params.yaml": (lambda repo: (repo / "params.yaml").write_text("# nothing here\n"),
                           "params.yaml: empty (expected moola's parameters"),
-    "experiment dvc.yaml does not know": (
-        lambda repo: set_params(repo, experiments={"exp6_wide": {"hidden_size": 256}}),
-        "params.yaml: experiments.exp6_wide has no pretrain stage in dvc.yaml"),
+    "experiment without its epochs": (
+        lambda repo: set_params(repo, experiments={"exp6_wide": {"augment": "warp12_x4", "mask_from": "mask",
+                                                                 "hidden_size": 256}}),
+        "params.yaml: missing key 'experiments.exp6_wide.epochs' (an integer expected)"),
     "example market too large": (lambda repo: set_params(repo, data={"stride": 100000}),
                                  "params.yaml: data.unlabeled_windows (11873) x data.stride (100000) ask the example "
                                  "market for 1,187,361,220 bars, more than the 4,000,000"),
@@ -311,8 +312,7 @@ def test_flipped_bit_in_an_augmented_array_stops_pretrain(plain_repo):
     data[len(data) // 2] ^= 0x01
     path.write_bytes(bytes(data))
     assert not np.array_equal(np.load(path), intact)  # numpy alone would train on it
-    proc = stage(plain_repo, "pretrain", "--experiment", "exp1_baseline", "--augmented", str(path.relative_to(plain_repo)),
-                 check=False)
+    proc = stage(plain_repo, "pretrain", "--experiment", "exp1_baseline", check=False)
     one_line_refusal(proc, "data/augmented/warp12_x4.npy: fails its checksum")
     assert "dvc repro -f -s augment@warp12_x4" in proc.stderr
     assert not (plain_repo / "data/pretrained").exists()
@@ -340,7 +340,7 @@ def small_filesystem(folder: Path, size: str = "64k"):
 DISK_FULL = {
     "prepare": (["prepare"], "data/prepared", "data/prepared/unlabeled_windows.parquet: could not write a parquet table of 71 rows: No space left on device [errno 28]; nothing was written (free space on that disk"),
     "augment": (["augment", "--recipe", "warp12_x4"], "data/augmented", "data/augmented/warp12_x4.npy: could not write a float32 array of shape (285, 105, 4)"),
-    "pretrain": (["pretrain", "--experiment", "exp1_baseline", "--augmented", "data/augmented/warp12_x4.npy"], "data/pretrained", "data/pretrained/exp1_baseline_encoder.pt: could not write an encoder checkpoint"),
+    "pretrain": (["pretrain", "--experiment", "exp1_baseline"], "data/pretrained", "data/pretrained/exp1_baseline_encoder.pt: could not write an encoder checkpoint"),
 }
 
 
@@ -359,14 +359,28 @@ def test_disk_full_is_one_line_and_leaves_nothing(plain_repo, case):
         assert os.listdir(plain_repo / folder) == []  # no output, no temporary file
 
 
+EXP6 = {"exp6_wide": {"epochs": 75, "augment": "warp12_x4", "mask_from": "mask", "hidden_size": 256}}
+
+
 @pytest.mark.integration
-def test_dvc_repro_stops_at_the_first_stage_for_an_experiment_dvc_yaml_does_not_know(tiny_repo):
-    set_params(tiny_repo, experiments={"exp6_wide": {"hidden_size": 256}})
+def test_an_experiment_added_to_params_yaml_alone_is_a_stage_and_feeds_select(tiny_repo):
+    """One edit adds an experiment: dvc.yaml iterates params.yaml's experiments, and select depends on the folders
+    of their outputs (checked in DVC's own graph, nothing run)."""
+    set_params(tiny_repo, experiments=EXP6)
+    stages = run(["dvc", "stage", "list", "--name-only"], tiny_repo).stdout.split()
+    assert "pretrain@exp6_wide" in stages and "finetune_ablation@exp6_wide" in stages
+    dag = run(["dvc", "dag", "--dot", "select"], tiny_repo).stdout
+    assert '"pretrain@exp6_wide" -> "select"' in dag
+
+
+@pytest.mark.integration
+def test_dvc_repro_stops_at_the_first_stage_for_an_experiment_described_in_part(tiny_repo):
+    set_params(tiny_repo, experiments={"exp6_wide": {**EXP6["exp6_wide"], "mask": "block"}})
     proc = run(["dvc", "repro"], tiny_repo, check=False)
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0
     errors = [line for line in out.splitlines() if line.startswith("error: ")]
-    assert errors == [errors[0]] and "params.yaml: experiments.exp6_wide has no pretrain stage in dvc.yaml" in errors[0]
+    assert errors == [errors[0]] and "experiments.exp6_wide.mask_from must be 'experiments.exp6_wide.mask'" in errors[0]
     # The first stage to run (example_market) loads params.yaml and stops there.
     assert "Running stage 'example_market'" in out and "Running stage 'prepare'" not in out
     assert "Traceback" not in out and not (tiny_repo / "data/example").exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import signal
@@ -27,8 +28,15 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 
 # Shared by the tests and by the driver script the kill test runs in a subprocess.
 COMMON = '''
+import dataclasses
+from pathlib import Path
+
 import numpy as np
-from moola.params import AugmentRecipe, Experiment, PretrainParams
+import moola
+from moola.params import AugmentRecipe, Experiment, load_params
+
+# The repository's params.yaml: every value lives there (the tiny experiment overrides a few).
+SPEC = load_params(Path(moola.__file__).resolve().parents[2] / "params.yaml")
 
 
 def tiny_windows(n, window=24, seed=0):
@@ -41,10 +49,11 @@ def tiny_windows(n, window=24, seed=0):
 
 
 def tiny_experiment(epochs=2, mask="patch", **overrides):
-    train = dict(epochs=epochs, hidden_size=8, decoder_hidden=8, batch_size=16, patch_size=4, device="cpu",
+    train = dict(hidden_size=8, decoder_hidden=8, batch_size=16, patch_size=4, device="cpu",
                  learning_rate=1e-2, threads=1, resume_every_seconds=0)
     train.update(overrides)
-    return Experiment("exp_tiny", mask, PretrainParams(**train), epochs, AugmentRecipe(0.12, 4))
+    return Experiment("exp_tiny", mask, dataclasses.replace(SPEC.pretrain, **train), epochs, AugmentRecipe(0.12, 4),
+                      "warp12_x4")
 '''
 exec(COMMON)
 
@@ -117,7 +126,7 @@ def test_resume_from_a_checkpoint_and_discard_a_stale_one(tmp_path):
     resume = tmp_path / "resume" / "exp_tiny.pt"
     # A run with 2 of the same 3 epochs leaves the state of epoch 2 behind (as a killed run would).
     two = tiny_experiment(epochs=3)
-    two = Experiment(two.name, two.mask, two.train, 2, two.recipe)
+    two = dataclasses.replace(two, epochs=2)
     pretrain(tiny_windows(64), tiny_windows(12, seed=1), two, 7, log=quiet, resume_path=resume, fingerprint="f")
     assert torch.load(resume, weights_only=True)["epoch"] == 2
     lines: list[str] = []
@@ -289,7 +298,7 @@ def test_masks_drawn_an_epoch_ahead_in_a_thread_give_the_same_bytes_and_resume_e
     assert [(e, t.hex(), v.hex()) for e, t, v in ahead.history] == list(history)
     assert encoder_digest(ahead.model) == digest
     resume = tmp_path / "resume.pt"
-    two = Experiment(exp.name, exp.mask, exp.train, 2, exp.recipe)
+    two = dataclasses.replace(exp, epochs=2)
     pretrain(tiny_windows(70), tiny_windows(12, seed=1), two, 7, log=quiet, resume_path=resume, fingerprint="f",
              masks_ahead=True)
     resumed = pretrain(tiny_windows(70), tiny_windows(12, seed=1), exp, 7, log=quiet, resume_path=resume,
@@ -300,7 +309,7 @@ def test_masks_drawn_an_epoch_ahead_in_a_thread_give_the_same_bytes_and_resume_e
 def test_resume_checkpoint_cadence(tmp_path):
     resume = tmp_path / "resume.pt"
     every_two = tiny_experiment(epochs=3, resume_every_epochs=2, resume_every_seconds=0)
-    four = Experiment(every_two.name, every_two.mask, every_two.train, 5, every_two.recipe)
+    four = dataclasses.replace(every_two, epochs=5)
     pretrain(tiny_windows(64), tiny_windows(12, seed=1), four, 7, log=quiet, resume_path=resume, fingerprint="f")
     assert torch.load(resume, weights_only=True)["epoch"] == 4  # after epochs 2 and 4, not 5
     resume.unlink()
@@ -322,7 +331,7 @@ def test_lstm_outside_autocast_and_loss_scaling_train_and_resume(tmp_path, monke
     straight = pretrain(tiny_windows(64), tiny_windows(12, seed=1), exp, 7, log=quiet)
     assert straight.numerics["lstm_dtype"] == "float32" and straight.precision == "bf16"
     assert straight.history[-1][2] < straight.history[0][2]
-    two = Experiment(exp.name, exp.mask, exp.train, 2, exp.recipe)
+    two = dataclasses.replace(exp, epochs=2)
     resume = tmp_path / "resume.pt"
     pretrain(tiny_windows(64), tiny_windows(12, seed=1), two, 7, log=quiet, resume_path=resume, fingerprint="f")
     assert torch.load(resume, weights_only=True)["scaler"]["scale"] > 0
@@ -390,7 +399,7 @@ def test_bf16_on_a_cpu_that_runs_it_trains_is_deterministic_and_resumes_exactly(
     assert encoder_digest(fp32.model) != encoder_digest(a.model)  # bf16 is not fp32's bytes
     m = metrics(a, exp)
     assert (m["precision"], m["precision_asked"], m["lstm_dtype"]) == ("bf16", "bf16", "bfloat16")
-    two = Experiment(exp.name, exp.mask, exp.train, 2, exp.recipe)
+    two = dataclasses.replace(exp, epochs=2)
     resume = tmp_path / "resume.pt"
     pretrain(tiny_windows(64), tiny_windows(12, seed=1), two, 7, log=quiet, resume_path=resume, fingerprint="f")
     resumed = pretrain(tiny_windows(64), tiny_windows(12, seed=1), exp, 7, log=quiet, resume_path=resume,

@@ -7,16 +7,16 @@ import dataclasses
 import re
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import yaml
 from torch import nn
 
 from moola.errors import ParamsError
-from moola.params import AugmentRecipe, Experiment, PretrainParams, parse_params
+from moola.params import Experiment, parse_params
 from moola.pretraining import pretrain
 from moola.stages.replicate import replicate_experiment, snapshot_training
+from test_pretraining import tiny_experiment, tiny_windows
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -87,21 +87,6 @@ def test_budget_epochs_are_the_snapshots_and_the_last_epoch():
 
 
 # --- snapshots ------------------------------------------------------------------------------------------------
-
-
-def tiny_windows(n: int, window: int = 24, seed: int = 0) -> np.ndarray:
-    """Random-walk OHLC-like windows, min-max normalised per window, float32 (n, window, 4) (as test_pretraining)."""
-    rng = np.random.default_rng(seed)
-    close = np.cumsum(rng.normal(size=(n, window, 1)), axis=1)
-    x = close + rng.normal(scale=0.3, size=(n, window, 4))
-    low, high = x.min(axis=(1, 2), keepdims=True), x.max(axis=(1, 2), keepdims=True)
-    return ((x - low) / (high - low)).astype(np.float32)
-
-
-def tiny_experiment(epochs: int) -> Experiment:
-    train = PretrainParams(epochs=epochs, hidden_size=8, decoder_hidden=8, batch_size=16, patch_size=4, device="cpu",
-                           learning_rate=1e-2, threads=1, resume_every_seconds=0)
-    return Experiment("exp_tiny", "patch", train, epochs, AugmentRecipe(0.12, 4))
 
 
 def quiet(_: str) -> None:

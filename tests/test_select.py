@@ -16,7 +16,7 @@ import yaml
 from torch import nn
 
 from conftest import ROOT, run
-from moola import io
+from moola import io, paths
 from moola.errors import DataError, ParamsError
 from moola.masking import make_mask
 from moola.models import BiLSTMMaskedAutoencoder, save_encoder_checkpoint
@@ -24,7 +24,7 @@ from moola.params import load_params, parse_params
 from moola.pretraining import _stream_seed
 from moola.selection import Candidate, assess, choose
 from moola.stages import select as select_stage
-from moola.windows import UNLABELED, Windows, windows_table
+from moola.windows import Windows, windows_table
 
 EXPERIMENTS = ["exp1_baseline", "exp2_conservative", "exp3_aggressive", "exp4_block_mask", "exp5_random_mask"]
 WINDOW, N_TRAIN, N_VAL = 105, 6, 5  # params.yaml's data.window; a tiny unlabeled file
@@ -49,7 +49,7 @@ def autoencoder(hidden: int = 128, constant: float | None = None, seed: int = 0)
 
 def write_experiment(root: Path, exp: str, train, val, hidden: int = 128, model: nn.Module | None = None) -> None:
     save_encoder_checkpoint(
-        root / select_stage.encoder_path(exp),
+        root / paths.encoder(exp),
         autoencoder(hidden) if model is None else model,
         {"input_size": 4, "hidden_size": hidden, "num_layers": 1, "bidirectional": True, "experiment": exp},
         {"best_val_loss": float(np.nanmin(val)), "best_epoch": int(np.nanargmin(val)) + 1, "epochs_run": len(val)},
@@ -89,7 +89,7 @@ def workspace(tmp_path: Path) -> Path:
     shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
     p = load_params(tmp_path / "params.yaml")
     assert list(p.experiments) == EXPERIMENTS and p.data.window == WINDOW and p.select.compare_on == "common"
-    io.write_parquet(tmp_path / UNLABELED, windows_table(unlabeled_windows()))
+    io.write_parquet(tmp_path / paths.UNLABELED, windows_table(unlabeled_windows()))
     return tmp_path
 
 
@@ -222,7 +222,7 @@ def test_the_basis_decides_when_own_and_common_rankings_differ(workspace):
     assert "(own-mask best val loss " in cands["exp2_conservative"]["reason"]
     assert cands["exp5_random_mask"]["reason"].startswith("stable, but common val loss")
     selected = (workspace / "data/selected/encoder.pt").read_bytes()
-    assert selected == (workspace / select_stage.encoder_path("exp2_conservative")).read_bytes()
+    assert selected == (workspace / paths.encoder("exp2_conservative")).read_bytes()
 
     set_compare_on(workspace, "own")
     report = select_stage.select(workspace)
@@ -241,7 +241,7 @@ def test_an_encoder_without_a_decoder_cannot_be_ranked_on_the_common_set(workspa
         write_experiment(workspace, exp, *healthy(start=0.01 + 0.01 * i))
     torch.manual_seed(0)
     save_encoder_checkpoint(  # the encoder alone: what moola wrote before it kept the decoder
-        workspace / select_stage.encoder_path("exp1_baseline"), nn.LSTM(4, 128, batch_first=True, bidirectional=True),
+        workspace / paths.encoder("exp1_baseline"), nn.LSTM(4, 128, batch_first=True, bidirectional=True),
         {"input_size": 4, "hidden_size": 128, "num_layers": 1, "bidirectional": True},
         {"best_val_loss": 0.01, "best_epoch": 30, "epochs_run": 30},
     )
@@ -289,7 +289,7 @@ def test_missing_curve_names_the_file(workspace):
 def test_a_damaged_encoder_stops_select_instead_of_losing_the_race(workspace):
     for i, exp in enumerate(EXPERIMENTS):
         write_experiment(workspace, exp, *healthy(start=0.01 + 0.01 * i))  # exp1 is the best
-    path = workspace / select_stage.encoder_path("exp1_baseline")
+    path = workspace / paths.encoder("exp1_baseline")
     weight = torch.load(path, weights_only=True)["state_dict"]["weight_hh_l0"].numpy().tobytes()
     data = bytearray(path.read_bytes())
     data[data.find(weight[:64]) + 101] ^= 0x20  # one bit inside a weight tensor
@@ -299,4 +299,4 @@ def test_a_damaged_encoder_stops_select_instead_of_losing_the_race(workspace):
     with pytest.raises(CheckpointDamaged, match="exp1_baseline_encoder.pt: weights fail their checksum") as err:
         select_stage.select(workspace)
     assert "dvc repro -f -s pretrain@exp1_baseline" in str(err.value)
-    assert not (workspace / select_stage.SELECTED_ENCODER).exists()
+    assert not (workspace / paths.SELECTED_ENCODER).exists()

@@ -383,7 +383,7 @@ def test_an_edit_of_any_module_a_stage_imports_makes_status_name_it(reference_ru
         path.write_bytes(original)
     assert status(repo) == {}
     # And `dvc repro` really re-runs: an edit of the augmentation core re-runs the three recipes, nothing upstream.
-    with open(repo / "src/moola/augment.py", "a") as fh:
+    with open(repo / "src/moola/augmentation.py", "a") as fh:
         fh.write("\n# an edit\n")
     out = run(["dvc", "repro", "augment"], repo).stdout
     assert ran(out) == {"augment@warp12_x4", "augment@warp10_x3", "augment@warp15_x5"}

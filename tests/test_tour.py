@@ -40,7 +40,7 @@ SHRINK = [
 EXP_SHOW_RECIPE = ["--only-changed", "--drop", "Created|.*/|.*_(lo|hi)$|(pretrained|scratch|logreg|majority)_"]
 # The detailed reports: plain stage outputs (cached and pushed), not DVC metrics.
 DETAILED = [paths.pretrain_metrics("exp1_baseline"), paths.SELECT_METRICS, paths.replicate_metrics(101),
-            paths.FINETUNE_METRICS, paths.CURVE_METRICS, paths.BUDGET_METRICS]
+            paths.FINETUNE_METRICS, paths.LABEL_CURVE_METRICS, paths.BUDGET_METRICS]
 
 
 def _metric_names(entry: dict) -> set[str]:

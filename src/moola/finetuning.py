@@ -4,7 +4,8 @@ For each seed, a stratified k-fold split (StratifiedKFold(shuffle=True, random_s
 purged, time-ordered folds with an embargo: purged_splits); on every fold the same split trains SimpleLSTM from the
 pretrained encoder, from scratch, and from scratch on the pretrained init's schedule (the control that separates
 "pretraining helps" from "a gentler schedule helps"), and fits the two reference rows, so that all of them are
-compared on identical data. The core takes arrays and returns frames; the stage writes.
+compared on identical data. The core takes arrays and finetune:'s settings as they are (FinetuneParams) and returns
+frames; the stage writes.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from moola.classifier import SimpleLSTM, load_forward_weights
 from moola.device import pick_device, use_threads
 from moola.errors import DataError, ParamsError
 from moola.numerics import Numerics, apply_cuda_settings, decide, probe_lstm_dtype
-from moola.params import CLASS_NAMES, PARAMS_FILE, FinetuneParams, Params
+from moola.params import CLASS_NAMES, PARAMS_FILE, FinetuneParams
 from moola.windows import overlapping
 
 NETWORK_INITS = ("pretrained", "scratch", "scratch_same_schedule")
@@ -34,43 +35,6 @@ FROM_ENCODER = ("pretrained",)
 PRETRAINED_SCHEDULE = ("pretrained", "scratch_same_schedule")
 REFERENCE_INITS = ("majority", "logreg")
 PROBA_COLUMNS = tuple(f"p_{name}" for name in CLASS_NAMES)
-
-
-@dataclass(frozen=True)
-class FinetuneConfig:
-    """What one fold's training needs; epochs are already scaled."""
-
-    epochs: int
-    freeze_epochs: int
-    batch_size: int
-    learning_rate: float
-    encoder_learning_rate: float
-    weight_decay: float
-    hidden_size: int
-    attention_heads: int
-    dropout: float
-    grad_clip: float
-    class_weighted: bool
-    # finetune.precision as decided on the run's device (finetune_numerics); None: fp32, no autocast.
-    numerics: Numerics | None = None
-
-    @classmethod
-    def from_params(cls, p: Params, numerics: Numerics | None = None) -> "FinetuneConfig":
-        ft = p.finetune
-        return cls(
-            epochs=p.finetune_epochs,
-            freeze_epochs=p.freeze_epochs,
-            batch_size=ft.batch_size,
-            learning_rate=ft.learning_rate,
-            encoder_learning_rate=ft.encoder_learning_rate,
-            weight_decay=ft.weight_decay,
-            hidden_size=ft.hidden_size,
-            attention_heads=ft.attention_heads,
-            dropout=ft.dropout,
-            grad_clip=ft.grad_clip,
-            class_weighted=ft.class_weighted,
-            numerics=numerics,
-        )
 
 
 def finetune_device(ft: FinetuneParams) -> torch.device:
@@ -228,93 +192,125 @@ def set_encoder_trainable(model: SimpleLSTM, trainable: bool) -> None:
         param.requires_grad_(trainable)
 
 
+def lstm_schedule(ft: FinetuneParams, pretrained_schedule: bool) -> tuple[int, float]:
+    """(epochs the LSTM stays frozen, its learning rate after them): the pretrained schedule's, or none frozen and
+    the base learning rate."""
+    if pretrained_schedule:
+        return ft.freeze_epochs, ft.encoder_learning_rate
+    return 0, ft.learning_rate
+
+
+def build_model(ft: FinetuneParams, input_size: int, encoder_state: Mapping[str, torch.Tensor] | None, seed: int,
+                device: torch.device, numerics: Numerics | None) -> SimpleLSTM:
+    """SimpleLSTM seeded by `seed`, its LSTM from the encoder's forward direction if there is one, on `device`."""
+    torch.manual_seed(seed)
+    model = SimpleLSTM(ft.hidden_size, ft.attention_heads, ft.dropout, input_size=input_size)
+    # After the model is built: the head's initialisation is the same whatever the LSTM starts from.
+    if encoder_state is not None:
+        load_forward_weights(model, {"state_dict": encoder_state})
+    model.to(device)
+    model.lstm_in_autocast = numerics.lstm_in_autocast if numerics else True
+    return model
+
+
+def build_optimizer(model: SimpleLSTM, ft: FinetuneParams, encoder_lr: float) -> torch.optim.Optimizer:
+    """AdamW in two parameter groups: the LSTM's at `encoder_lr`, the rest at finetune.learning_rate."""
+    encoder_params = list(model.lstm.parameters())
+    encoder_ids = {id(p) for p in encoder_params}
+    other_params = [p for p in model.parameters() if id(p) not in encoder_ids]
+    # Frozen parameters get no gradient, and AdamW skips a parameter whose grad is None (no weight decay either).
+    return torch.optim.AdamW(
+        [{"params": encoder_params, "lr": encoder_lr}, {"params": other_params, "lr": ft.learning_rate}],
+        weight_decay=ft.weight_decay,
+    )
+
+
+def as_tensors(x: np.ndarray, y: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Windows (float32) and their labels (int64) on `device`."""
+    xs = torch.as_tensor(np.ascontiguousarray(x), dtype=torch.float32, device=device)
+    return xs, torch.as_tensor(y, dtype=torch.long, device=device)
+
+
+def train_epoch(model: SimpleLSTM, optimizer: torch.optim.Optimizer, objective: nn.Module, xs: torch.Tensor,
+                ys: torch.Tensor, order_rng: torch.Generator, ft: FinetuneParams, autocast: dict,
+                device: torch.device) -> float:
+    """One pass over the training windows in an order drawn from `order_rng`; the objective's mean per window."""
+    model.train()
+    total, seen = 0.0, 0
+    for batch in torch.randperm(len(xs), generator=order_rng).split(ft.batch_size):
+        batch = batch.to(device)
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(**autocast):  # finetune.precision bf16: the step's arithmetic, not the weights'
+            loss = objective(model(xs[batch]).float(), ys[batch])
+        loss.backward()
+        nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], ft.grad_clip)
+        optimizer.step()
+        total += float(loss.detach()) * len(batch)
+        seen += len(batch)
+    return total / seen
+
+
+def evaluate(model: SimpleLSTM, xt: torch.Tensor, yt: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """The model's logits on the held-out fold (eval mode, no gradients) and their plain cross-entropy."""
+    model.eval()
+    with torch.no_grad():
+        logits = model(xt)
+        return logits, float(nn.functional.cross_entropy(logits, yt))
+
+
 def train_fold(
     x_train: np.ndarray,
     y_train: np.ndarray,
     x_test: np.ndarray | None,
     y_test: np.ndarray | None,
-    cfg: FinetuneConfig,
+    ft: FinetuneParams,
     encoder_state: Mapping[str, torch.Tensor] | None,
     seed: int,
     device: torch.device | str = "cpu",
     on_epoch: Callable[[int, SimpleLSTM, torch.optim.Optimizer], None] | None = None,
     x_heldout: np.ndarray | None = None,
     pretrained_schedule: bool | None = None,
+    numerics: Numerics | None = None,
 ) -> FoldRun:
-    """Train SimpleLSTM on one fold and predict its held-out windows.
+    """Train SimpleLSTM on one fold with the settings of `ft` (finetune:) and predict its held-out windows.
 
     With `encoder_state`, the LSTM starts from the encoder's forward direction. On the pretrained schedule (the
-    default with an encoder) the LSTM is frozen for cfg.freeze_epochs, then trains at cfg.encoder_learning_rate.
+    default with an encoder) the LSTM is frozen for ft.freeze_epochs, then trains at ft.encoder_learning_rate.
     Otherwise (the default without an encoder: the scratch baseline) it trains from epoch 1 at the base learning
     rate. `pretrained_schedule=True` without an encoder is the schedule-matched control: a random LSTM frozen and
     slowed exactly as the pretrained one, so that a lift over it is the encoder's weights and not the schedule.
     The last epoch's model predicts the held-out fold (choosing an epoch by that fold's loss would leak it), and,
     once training is over, the windows of `x_heldout` (the held-out test set: it never touches training).
     Without `x_test` (the label-efficiency curve trains on all its windows) there is no per-epoch validation.
+    `numerics`: finetune.precision as decided on the run's device (finetune_numerics); None: fp32, no autocast.
     """
     device = torch.device(device)
-    torch.manual_seed(seed)
-    model = SimpleLSTM(cfg.hidden_size, cfg.attention_heads, cfg.dropout, input_size=x_train.shape[-1])
-    # After the model is built: the head's initialisation is the same whatever the LSTM starts from.
-    if encoder_state is not None:
-        load_forward_weights(model, {"state_dict": encoder_state})
-    if pretrained_schedule is None:
+    model = build_model(ft, x_train.shape[-1], encoder_state, seed, device, numerics)
+    if pretrained_schedule is None:  # the default: the pretrained schedule exactly when there is an encoder
         pretrained_schedule = encoder_state is not None
-    if pretrained_schedule:
-        freeze_epochs, encoder_lr = cfg.freeze_epochs, cfg.encoder_learning_rate
-    else:
-        freeze_epochs, encoder_lr = 0, cfg.learning_rate
-    model.to(device)
-    autocast = cfg.numerics.autocast(device) if cfg.numerics else {"device_type": device.type, "enabled": False}
-    model.lstm_in_autocast = cfg.numerics.lstm_in_autocast if cfg.numerics else True
-    encoder_params = list(model.lstm.parameters())
-    encoder_ids = {id(p) for p in encoder_params}
-    other_params = [p for p in model.parameters() if id(p) not in encoder_ids]
-    # Frozen parameters get no gradient, and AdamW skips a parameter whose grad is None (no weight decay either).
-    optimizer = torch.optim.AdamW(
-        [{"params": encoder_params, "lr": encoder_lr}, {"params": other_params, "lr": cfg.learning_rate}],
-        weight_decay=cfg.weight_decay,
-    )
-    weights = class_weights(y_train).to(device) if cfg.class_weighted else None
-    train_objective = nn.CrossEntropyLoss(weight=weights)
-    xs = torch.as_tensor(np.ascontiguousarray(x_train), dtype=torch.float32, device=device)
-    ys = torch.as_tensor(y_train, dtype=torch.long, device=device)
-    validate = x_test is not None and y_test is not None
-    if validate:
-        xt = torch.as_tensor(np.ascontiguousarray(x_test), dtype=torch.float32, device=device)
-        yt = torch.as_tensor(y_test, dtype=torch.long, device=device)
+    freeze_epochs, encoder_lr = lstm_schedule(ft, pretrained_schedule)
+    autocast = numerics.autocast(device) if numerics else {"device_type": device.type, "enabled": False}
+    optimizer = build_optimizer(model, ft, encoder_lr)
+    objective = nn.CrossEntropyLoss(weight=class_weights(y_train).to(device) if ft.class_weighted else None)
+    xs, ys = as_tensors(x_train, y_train, device)
+    validation = None if x_test is None or y_test is None else as_tensors(x_test, y_test, device)
     order_rng = torch.Generator().manual_seed(seed)
     train_losses: list[float] = []
     val_losses: list[float] = []
     logits = None
-    for epoch in range(1, cfg.epochs + 1):
+    for epoch in range(1, ft.epochs + 1):
         set_encoder_trainable(model, epoch > freeze_epochs)
-        model.train()
-        total, seen = 0.0, 0
-        for batch in torch.randperm(len(xs), generator=order_rng).split(cfg.batch_size):
-            batch = batch.to(device)
-            optimizer.zero_grad(set_to_none=True)
-            with torch.autocast(**autocast):  # finetune.precision bf16: the step's arithmetic, not the weights'
-                loss = train_objective(model(xs[batch]).float(), ys[batch])
-            loss.backward()
-            nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], cfg.grad_clip)
-            optimizer.step()
-            total += float(loss.detach()) * len(batch)
-            seen += len(batch)
-        train_losses.append(total / seen)
-        if validate:
-            model.eval()
-            with torch.no_grad():
-                logits = model(xt)
-                val_losses.append(float(nn.functional.cross_entropy(logits, yt)))
+        train_losses.append(train_epoch(model, optimizer, objective, xs, ys, order_rng, ft, autocast, device))
+        if validation is not None:
+            logits, val_loss = evaluate(model, *validation)
+            val_losses.append(val_loss)
         if on_epoch is not None:
             on_epoch(epoch, model, optimizer)
-    if validate:
-        assert logits is not None
-        # On the CPU first: mps has no float64.
-        proba = torch.softmax(logits.detach().cpu().double(), dim=1).numpy()
-    else:
+    if validation is None:
         proba = np.zeros((0, len(CLASS_NAMES)))
+    else:
+        assert logits is not None
+        proba = torch.softmax(logits.detach().cpu().double(), dim=1).numpy()  # on the CPU first: mps has no float64
     heldout = None if x_heldout is None else predict_proba(model, x_heldout, device)
     return FoldRun(proba=proba, train_loss=train_losses, val_loss=val_losses, heldout_proba=heldout)
 
@@ -326,23 +322,159 @@ def _fold_seed(seed: int, fold: int) -> int:
 
 
 def train_init(init: str, x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray | None,
-               y_test: np.ndarray | None, cfg: FinetuneConfig, encoder_state: Mapping[str, torch.Tensor] | None,
+               y_test: np.ndarray | None, ft: FinetuneParams, encoder_state: Mapping[str, torch.Tensor] | None,
                seed: int, device: torch.device | str, x_heldout: np.ndarray | None = None,
-               on_epoch: Callable[[int, SimpleLSTM, torch.optim.Optimizer], None] | None = None) -> FoldRun:
+               on_epoch: Callable[[int, SimpleLSTM, torch.optim.Optimizer], None] | None = None,
+               numerics: Numerics | None = None) -> FoldRun:
     """train_fold for one of NETWORK_INITS: its LSTM start (the encoder or random) and its schedule."""
     if init not in NETWORK_INITS:
         raise ValueError(f"unknown network init {init!r}")
     return train_fold(
-        x_train, y_train, x_test, y_test, cfg, encoder_state if init in FROM_ENCODER else None, seed, device,
-        on_epoch=on_epoch, x_heldout=x_heldout, pretrained_schedule=init in PRETRAINED_SCHEDULE,
+        x_train, y_train, x_test, y_test, ft, encoder_state if init in FROM_ENCODER else None, seed, device,
+        on_epoch=on_epoch, x_heldout=x_heldout, pretrained_schedule=init in PRETRAINED_SCHEDULE, numerics=numerics,
     )
+
+
+# --- out of fold --------------------------------------------------------------------------------------------------
+
+FoldKey = tuple[int, str, str, int]  # (seed, init, replicate, fold): one fold's fit of one row of the predictions
+FoldProba = tuple[np.ndarray, np.ndarray | None]  # (its test fold's probabilities, the held-out windows' or None)
+
+
+def replicates_of(init: str, encoder_states: Mapping[str, object]) -> list[str]:
+    """An init's replicates: one per encoder for an init from an encoder; otherwise the one unnamed ''."""
+    return list(encoder_states) if init in FROM_ENCODER else [""]
+
+
+def row_groups(seeds: Sequence[int], inits: Sequence[str], encoder_states: Mapping[str, object]
+               ) -> list[tuple[int, str, str]]:
+    """Every (seed, init, replicate) of the out-of-fold predictions, in the order they are made and logged."""
+    return [(seed, init, replicate) for seed in seeds for init in inits
+            for replicate in replicates_of(init, encoder_states)]
+
+
+@dataclass
+class ReferenceFits:
+    """What the reference rows (majority, logreg) fit on: the labeled windows' labels and, with logreg, their
+    statistics (evaluation.window_features); the held-out windows (and their statistics) that every fit of a
+    training fold also predicts, None without a held-out set."""
+
+    labels: np.ndarray
+    features: np.ndarray | None
+    heldout_values: np.ndarray | None
+    heldout_features: np.ndarray | None
+    class_weighted: bool
+
+    @classmethod
+    def of(cls, values: np.ndarray, labels: np.ndarray, heldout_values: np.ndarray | None, inits: Sequence[str],
+           class_weighted: bool) -> "ReferenceFits":
+        features = evaluation.window_features(values) if "logreg" in inits else None
+        heldout_features = (
+            evaluation.window_features(heldout_values) if heldout_values is not None and "logreg" in inits else None
+        )
+        return cls(labels, features, heldout_values, heldout_features, class_weighted)
+
+    def fit(self, init: str, train: np.ndarray, test: np.ndarray) -> FoldProba:
+        """`init` fit on the `train` windows: its probabilities on the `test` windows and on the held-out ones."""
+        heldout_proba = None
+        if init == "majority":
+            proba = evaluation.majority_proba(self.labels[train], len(test))
+            if self.heldout_values is not None:
+                heldout_proba = evaluation.majority_proba(self.labels[train], len(self.heldout_values))
+        elif init == "logreg":
+            assert self.features is not None
+            if self.heldout_features is not None:
+                # One fit per training fold predicts both its test fold and the held-out windows.
+                both = evaluation.logreg_proba(
+                    self.features[train], self.labels[train],
+                    np.concatenate([self.features[test], self.heldout_features]), self.class_weighted,
+                )
+                proba, heldout_proba = both[: len(test)], both[len(test) :]
+            else:
+                proba = evaluation.logreg_proba(
+                    self.features[train], self.labels[train], self.features[test], self.class_weighted
+                )
+        else:
+            raise ValueError(f"unknown init {init!r}")
+        return proba, heldout_proba
+
+
+def fold_probabilities(keys: Sequence[FoldKey], trained: Mapping[FoldKey, FoldRun], references: ReferenceFits,
+                       splits: Mapping[int, Sequence[tuple[np.ndarray, np.ndarray]]]) -> dict[FoldKey, FoldProba]:
+    """Every fold fit's probabilities: a network's from its FoldRun, a reference row's fit here (in `keys` order)."""
+    probas: dict[FoldKey, FoldProba] = {}
+    for key in keys:
+        seed, init, _, fold = key
+        if init in NETWORK_INITS:
+            probas[key] = trained[key].proba, trained[key].heldout_proba
+        else:
+            probas[key] = references.fit(init, *splits[seed][fold])
+    return probas
+
+
+def oof_predictions(groups: Sequence[tuple[int, str, str]], probas: Mapping[FoldKey, FoldProba],
+                    splits: Mapping[int, Sequence[tuple[np.ndarray, np.ndarray]]], labels: np.ndarray,
+                    window_ids: np.ndarray, inits: Sequence[str], log: Callable[[str], None]) -> pd.DataFrame:
+    """OofResult.predictions: one row per window and (seed, init, replicate), sorted by init (in `inits` order),
+    replicate, seed and window; logs each (seed, init, replicate)'s accuracy per fold."""
+    rows: list[pd.DataFrame] = []
+    for seed, init, replicate in groups:
+        fold_accuracy = []
+        for fold, (_, test) in enumerate(splits[seed]):
+            proba = probas[(seed, init, replicate, fold)][0]
+            predicted = proba.argmax(axis=1)
+            fold_accuracy.append(float(np.mean(predicted == labels[test])))
+            rows.append(pd.DataFrame({
+                "window_id": np.asarray(window_ids, dtype=np.int64)[test],
+                "fold": np.full(len(test), fold, dtype=np.int64),
+                "seed": np.full(len(test), seed, dtype=np.int64),
+                "replicate": replicate,
+                "init": init,
+                **{col: proba[:, i].astype(np.float64) for i, col in enumerate(PROBA_COLUMNS)},
+                "prediction": predicted.astype(np.int64),
+                "label": labels[test],
+            }))
+        log(
+            f"seed {seed} {init}{f' ({replicate})' if replicate else ''}: fold-averaged accuracy "
+            f"{np.mean(fold_accuracy):.3f} (folds: {' '.join(f'{a:.3f}' for a in fold_accuracy)})"
+        )
+    predictions = pd.concat(rows, ignore_index=True)
+    init_order = {init: i for i, init in enumerate(inits)}
+    return (
+        predictions.assign(_order=predictions["init"].map(init_order))
+        .sort_values(["_order", "replicate", "seed", "window_id"], kind="stable")
+        .drop(columns="_order")
+        .reset_index(drop=True)
+    )
+
+
+def heldout_means(keys: Sequence[FoldKey], probas: Mapping[FoldKey, FoldProba], inits: Sequence[str],
+                  encoder_states: Mapping[str, object]) -> dict[str, np.ndarray]:
+    """OofResult.heldout: init -> per seed, the mean of its fold models' held-out probabilities, (seeds, n,
+    classes), or (replicates, seeds, n, classes) for an init from an encoder; empty without a held-out set."""
+    heldout_folds: dict[tuple[str, str], list[list[np.ndarray]]] = {}  # (init, replicate) -> per seed, per fold
+    for key in keys:
+        _, init, replicate, fold = key
+        heldout_proba = probas[key][1]
+        if heldout_proba is not None:
+            per_seed = heldout_folds.setdefault((init, replicate), [])
+            if fold == 0:
+                per_seed.append([])
+            per_seed[-1].append(heldout_proba)
+    heldout: dict[str, np.ndarray] = {}
+    for init in inits:
+        per_replicate = [np.stack([np.mean(f, axis=0) for f in heldout_folds[(init, r)]])
+                         for r in replicates_of(init, encoder_states) if (init, r) in heldout_folds]
+        if per_replicate:
+            heldout[init] = np.stack(per_replicate) if init in FROM_ENCODER else per_replicate[0]
+    return heldout
 
 
 def run_oof(
     values: np.ndarray,
     labels: np.ndarray,
     window_ids: np.ndarray,
-    cfg: FinetuneConfig,
+    ft: FinetuneParams,
     seeds: Sequence[int],
     folds: int,
     inits: Sequence[str],
@@ -353,10 +485,12 @@ def run_oof(
     splitter: Splitter = fold_splits,
     workers: int = 1,
     threads: int = 1,
+    numerics: Numerics | None = None,
 ) -> OofResult:
     """Out-of-fold predictions of every init in `inits` (pretrained, scratch, majority, logreg) for every seed, and
     for an init that starts from an encoder, for every encoder of `encoder_states` (name -> weights: the pretraining
-    replicates). Every network fit is trained by moola.fits (`workers` processes of `threads` threads on the CPU).
+    replicates). Every network fit is trained by moola.fits (`workers` processes of `threads` threads on the CPU),
+    with the settings of `ft` (finetune:) and `numerics` (train_fold).
 
     With `heldout_values`, every fold model (and every fold's reference fit) also predicts those windows after it
     is trained; an init's held-out prediction for a seed is the mean of those probabilities over the seed's folds."""
@@ -366,99 +500,25 @@ def run_oof(
     encoder_states = dict(encoder_states or {})
     if any(init in FROM_ENCODER for init in inits) and not encoder_states:
         raise ValueError("the pretrained init needs encoder_states")
-    features = evaluation.window_features(values) if "logreg" in inits else None
-    use_heldout = heldout_values is not None and len(heldout_values) > 0
-    heldout_features = (
-        evaluation.window_features(heldout_values) if use_heldout and "logreg" in inits else None
-    )
-
-    def replicates_of(init: str) -> list[str]:
-        return list(encoder_states) if init in FROM_ENCODER else [""]
-
+    heldout = heldout_values if heldout_values is not None and len(heldout_values) > 0 else None
+    references = ReferenceFits.of(values, labels, heldout, inits, ft.class_weighted)
     splits = {seed: splitter(labels, folds, seed) for seed in seeds}
-    # Every network fit at once (the slow part), then the bookkeeping in the same order as before.
-    keys, jobs = [], []
-    for seed in seeds:
-        for init in (i for i in inits if i in NETWORK_INITS):
-            for replicate in replicates_of(init):
-                for fold, (train, test) in enumerate(splits[seed]):
-                    keys.append((seed, init, replicate, fold))
-                    jobs.append(Fit(init, train, _fold_seed(seed, fold), replicate or None, test))
-    shared = Shared(values, labels, heldout_values if use_heldout else None, encoder_states, cfg,
-                    str(torch.device(device)), threads)
-    trained = dict(zip(keys, run_fits(jobs, shared, workers)))
-
-    heldout_folds: dict[tuple[str, str], list[list[np.ndarray]]] = {}
-    rows: list[pd.DataFrame] = []
-    curves: dict[str, list[FoldRun]] = {init: [] for init in inits if init in NETWORK_INITS}
-    for seed in seeds:
-        for init in inits:
-            for replicate in replicates_of(init):
-                fold_accuracy = []
-                for fold, (train, test) in enumerate(splits[seed]):
-                    heldout_proba = None
-                    if init in NETWORK_INITS:
-                        run = trained[(seed, init, replicate, fold)]
-                        curves[init].append(run)
-                        proba, heldout_proba = run.proba, run.heldout_proba
-                    elif init == "majority":
-                        proba = evaluation.majority_proba(labels[train], len(test))
-                        if use_heldout:
-                            heldout_proba = evaluation.majority_proba(labels[train], len(heldout_values))
-                    elif init == "logreg":
-                        assert features is not None
-                        if use_heldout:
-                            # One fit per training fold predicts both its test fold and the held-out windows.
-                            both = evaluation.logreg_proba(
-                                features[train], labels[train], np.concatenate([features[test], heldout_features]),
-                                cfg.class_weighted,
-                            )
-                            proba, heldout_proba = both[: len(test)], both[len(test) :]
-                        else:
-                            proba = evaluation.logreg_proba(
-                                features[train], labels[train], features[test], cfg.class_weighted
-                            )
-                    else:
-                        raise ValueError(f"unknown init {init!r}")
-                    if heldout_proba is not None:
-                        per_seed = heldout_folds.setdefault((init, replicate), [])
-                        if fold == 0:
-                            per_seed.append([])
-                        per_seed[-1].append(heldout_proba)
-                    predicted = proba.argmax(axis=1)
-                    fold_accuracy.append(float(np.mean(predicted == labels[test])))
-                    rows.append(pd.DataFrame(
-                        {
-                            "window_id": np.asarray(window_ids, dtype=np.int64)[test],
-                            "fold": np.full(len(test), fold, dtype=np.int64),
-                            "seed": np.full(len(test), seed, dtype=np.int64),
-                            "replicate": replicate,
-                            "init": init,
-                            **{col: proba[:, i].astype(np.float64) for i, col in enumerate(PROBA_COLUMNS)},
-                            "prediction": predicted.astype(np.int64),
-                            "label": labels[test],
-                        }
-                    ))
-                log(
-                    f"seed {seed} {init}{f' ({replicate})' if replicate else ''}: fold-averaged accuracy "
-                    f"{np.mean(fold_accuracy):.3f} (folds: {' '.join(f'{a:.3f}' for a in fold_accuracy)})"
-                )
-    predictions = pd.concat(rows, ignore_index=True)
-    init_order = {init: i for i, init in enumerate(inits)}
-    predictions = (
-        predictions.assign(_order=predictions["init"].map(init_order))
-        .sort_values(["_order", "replicate", "seed", "window_id"], kind="stable")
-        .drop(columns="_order")
-        .reset_index(drop=True)
+    groups = row_groups(seeds, inits, encoder_states)
+    keys = [(seed, init, replicate, fold) for seed, init, replicate in groups for fold in range(len(splits[seed]))]
+    # Every network fit at once (the slow part), then the reference fits and the bookkeeping in the order of `keys`.
+    network_keys = [key for key in keys if key[1] in NETWORK_INITS]
+    jobs = [Fit(init, splits[seed][fold][0], _fold_seed(seed, fold), replicate or None, splits[seed][fold][1])
+            for seed, init, replicate, fold in network_keys]
+    shared = Shared(values, labels, heldout, encoder_states, ft, numerics, str(torch.device(device)), threads)
+    trained = dict(zip(network_keys, run_fits(jobs, shared, workers)))
+    probas = fold_probabilities(keys, trained, references, splits)
+    curves = {init: [trained[key] for key in network_keys if key[1] == init]
+              for init in inits if init in NETWORK_INITS}
+    return OofResult(
+        predictions=oof_predictions(groups, probas, splits, labels, window_ids, inits, log),
+        curves=mean_curves(curves, ft.epochs),
+        heldout=heldout_means(keys, probas, inits, encoder_states),
     )
-    # init -> (seeds, n, classes), or (replicates, seeds, n, classes) for an init from an encoder
-    heldout: dict[str, np.ndarray] = {}
-    for init in inits:
-        per_replicate = [np.stack([np.mean(f, axis=0) for f in heldout_folds[(init, r)]])
-                         for r in replicates_of(init) if (init, r) in heldout_folds]
-        if per_replicate:
-            heldout[init] = np.stack(per_replicate) if init in FROM_ENCODER else per_replicate[0]
-    return OofResult(predictions=predictions, curves=mean_curves(curves, cfg.epochs), heldout=heldout)
 
 
 def mean_curves(runs: Mapping[str, Sequence[FoldRun]], epochs: int) -> pd.DataFrame:

@@ -20,7 +20,9 @@ import numpy as np
 import torch
 
 if TYPE_CHECKING:  # finetuning imports this module (run_oof)
-    from moola.finetuning import FinetuneConfig, FoldRun
+    from moola.finetuning import FoldRun
+    from moola.numerics import Numerics
+    from moola.params import FinetuneParams
 
 
 @dataclass(frozen=True)
@@ -40,7 +42,8 @@ class Shared:
     labels: np.ndarray  # (n,)
     heldout: np.ndarray | None  # held-out windows each trained model predicts, or None
     encoders: Mapping[str, Mapping[str, torch.Tensor]]
-    cfg: FinetuneConfig
+    ft: FinetuneParams  # finetune: as loaded (it and numerics are plain dataclasses: they pickle to the workers)
+    numerics: Numerics | None  # finetune.precision as decided on the device (finetuning.train_fold)
     device: str
     threads: int
 
@@ -64,7 +67,8 @@ def _train(fit: Fit) -> FoldRun:
     return train_init(
         fit.init, s.values[fit.train], s.labels[fit.train],
         None if test is None else s.values[test], None if test is None else s.labels[test],
-        s.cfg, None if fit.encoder is None else s.encoders[fit.encoder], fit.seed, s.device, x_heldout=s.heldout,
+        s.ft, None if fit.encoder is None else s.encoders[fit.encoder], fit.seed, s.device, x_heldout=s.heldout,
+        numerics=s.numerics,
     )
 
 

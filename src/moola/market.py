@@ -99,29 +99,42 @@ def _regime_path(n_bars: int, rng: np.random.Generator):
     return regime, seg_start, seg_end, strength, lean
 
 
-def generate_market(
-    n_bars: int, seed: int, start_price: float = 100.0, stream: int = 0, first_bar_of_day: int = 0
-) -> Market:
-    """Generate `n_bars` bars. Pure: the same arguments always give the same market.
-
-    `stream` > 0 draws an independent market (a continuation: see `extend_market`); `first_bar_of_day` is the
-    session bar (0..77) that the first bar falls on, so that a continuation keeps the intraday pattern."""
-    if n_bars > EXAMPLE_MAX_BARS:  # params.py refuses such params at load; this guards every other caller
-        raise DataError(
-            f"example market: {n_bars:,} bars requested, more than the {EXAMPLE_MAX_BARS:,} it generates in memory"
-        )
+def _market_rng(seed: int, stream: int) -> np.random.Generator:
+    """The generator of one market stream."""
     # Stream 0 keeps the key the example market has always had, so its bars do not change.
     key = [seed, 0x6D6F6F6C61] if stream == 0 else [seed, 0x6D6F6F6C61, stream]  # "moola"
-    rng = np.random.default_rng(key)
-    regime, seg_start, seg_end, strength, lean = _regime_path(n_bars, rng)
+    return np.random.default_rng(key)
+
+
+@dataclass(frozen=True)
+class _BarNoise:
+    """Per-bar randomness of the price path, and the intraday volatility shape it is scaled by."""
+
+    shocks: np.ndarray  # Student-t shocks with unit variance
+    intraday: np.ndarray  # the session's U-shape at each bar
+    gaps: np.ndarray  # overnight gap at the first bar of a session, 0 elsewhere
+    wick_up: np.ndarray  # high above max(open, close), in bar volatilities
+    wick_down: np.ndarray  # low below min(open, close), in bar volatilities
+
+
+def _bar_noise(n_bars: int, phase: int, rng: np.random.Generator) -> _BarNoise:
+    """Draw the bars' shocks, gaps and wicks (in this order: the market's bytes depend on it); `phase` is the
+    session bar that the first bar falls on."""
     shocks = rng.standard_t(STUDENT_T_DOF, n_bars) / np.sqrt(STUDENT_T_DOF / (STUDENT_T_DOF - 2.0))
-    phase = first_bar_of_day
     intraday = np.tile(_intraday_shape(), -(-(n_bars + phase) // BARS_PER_DAY))[phase : phase + n_bars]
     new_day = ((np.arange(n_bars) + phase) % BARS_PER_DAY) == 0
     gaps = rng.normal(0.0, OVERNIGHT_GAP_SD, n_bars) * new_day
     wick_up = np.abs(rng.normal(0.0, 0.6, n_bars))
     wick_down = np.abs(rng.normal(0.0, 0.6, n_bars))
+    return _BarNoise(shocks=shocks, intraday=intraday, gaps=gaps, wick_up=wick_up, wick_down=wick_down)
 
+
+def _log_price_path(path: tuple, noise: _BarNoise, start_price: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Walk the regime path (`_regime_path`'s tuple) bar by bar under GARCH volatility: (log open, log close,
+    bar volatility)."""
+    regime, seg_start, seg_end, strength, lean = path
+    shocks, intraday, gaps = noise.shocks, noise.intraday, noise.gaps
+    n_bars = len(regime)
     log_close = np.empty(n_bars)
     log_open = np.empty(n_bars)
     bar_sd = np.empty(n_bars)
@@ -150,11 +163,20 @@ def generate_market(
         log_open[t], log_close[t], bar_sd[t] = open_, open_ + ret, sd
         # Volatility reacts to surprises, not to the regime's own drift.
         last_shock, level = sd * shocks[t] + gaps[t], open_ + ret
+    return log_open, log_close, bar_sd
 
-    high = np.maximum(log_open, log_close) + wick_up * bar_sd
-    low = np.minimum(log_open, log_close) - wick_down * bar_sd
-    volume = np.round(1e5 * intraday * (1.0 + np.abs(shocks)) * rng.lognormal(0.0, 0.3, n_bars)).astype(np.int64)
-    bars = pd.DataFrame(
+
+def _ohlcv_bars(
+    log_open: np.ndarray, log_close: np.ndarray, bar_sd: np.ndarray, noise: _BarNoise, rng: np.random.Generator
+) -> pd.DataFrame:
+    """The bars table: wicks around the bodies, and a volume that follows volatility (the market's last draw)."""
+    n_bars = len(log_open)
+    high = np.maximum(log_open, log_close) + noise.wick_up * bar_sd
+    low = np.minimum(log_open, log_close) - noise.wick_down * bar_sd
+    volume = np.round(
+        1e5 * noise.intraday * (1.0 + np.abs(noise.shocks)) * rng.lognormal(0.0, 0.3, n_bars)
+    ).astype(np.int64)
+    return pd.DataFrame(
         {
             "timestamp": session_timestamps(n_bars),
             "open": np.exp(log_open),
@@ -164,6 +186,26 @@ def generate_market(
             "volume": volume,
         }
     )
+
+
+def generate_market(
+    n_bars: int, seed: int, start_price: float = 100.0, stream: int = 0, first_bar_of_day: int = 0
+) -> Market:
+    """Generate `n_bars` bars. Pure: the same arguments always give the same market.
+
+    `stream` > 0 draws an independent market (a continuation: see `extend_market`); `first_bar_of_day` is the
+    session bar (0..77) that the first bar falls on, so that a continuation keeps the intraday pattern."""
+    if n_bars > EXAMPLE_MAX_BARS:  # params.py refuses such params at load; this guards every other caller
+        raise DataError(
+            f"example market: {n_bars:,} bars requested, more than the {EXAMPLE_MAX_BARS:,} it generates in memory"
+        )
+    rng = _market_rng(seed, stream)
+    # The draws' order is part of the market: regime chain, then bar noise, then volume.
+    path = _regime_path(n_bars, rng)
+    noise = _bar_noise(n_bars, first_bar_of_day, rng)
+    log_open, log_close, bar_sd = _log_price_path(path, noise, start_price)
+    bars = _ohlcv_bars(log_open, log_close, bar_sd, noise, rng)
+    regime, seg_start = path[0], path[1]
     return Market(bars=bars, regime=regime, segment_start=seg_start)
 
 

@@ -163,13 +163,13 @@ def _shape(t: Any) -> str:
     return "(" + ", ".join(str(d) for d in t) + ")"
 
 
-def load_encoder_checkpoint(path: str | Path, expect_hidden: int | None = None) -> EncoderCheckpoint:
-    """Read and verify an encoder checkpoint; any problem is a CheckpointError naming the file."""
-    path = Path(path)
+def _read_checkpoint_file(path: Path) -> Any:
+    """The object a checkpoint file holds, loaded weights-only on the CPU; a missing, foreign or unreadable file
+    is a CheckpointError."""
     if not path.is_file():
         raise CheckpointError(f"{path}: encoder checkpoint not found")
     try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
         what = f"a {found.group(1)} object" if found else "objects"
@@ -179,16 +179,24 @@ def load_encoder_checkpoint(path: str | Path, expect_hidden: int | None = None) 
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
         first = str(exc).strip().split(". ")[0] or type(exc).__name__
         raise CheckpointError(f"{path}: unreadable or truncated checkpoint ({first})") from None
+
+
+def _check_structure(path: Path, raw: Any) -> None:
+    """The loaded object is a dict in CHECKPOINT_FORMAT whose fields are mappings."""
     if not isinstance(raw, dict) or raw.get("format") != CHECKPOINT_FORMAT:
         found = raw.get("format") if isinstance(raw, dict) else type(raw).__name__
         raise CheckpointError(f"{path}: format is {found!r}, expected {CHECKPOINT_FORMAT!r}")
     for key, kind in (("state_dict", dict), ("hyperparams", dict), ("training", dict)):
         if not isinstance(raw.get(key), kind):
             raise CheckpointError(f"{path}: field '{key}' missing or not a mapping")
-    hyperparams, training, state_dict = raw["hyperparams"], raw["training"], raw["state_dict"]
     decoder = raw.get("decoder_state_dict")
     if decoder is not None and not isinstance(decoder, dict):
         raise CheckpointError(f"{path}: field 'decoder_state_dict' is not a mapping")
+
+
+def _check_weights_checksum(path: Path, raw: dict, state_dict: dict, decoder: dict | None) -> None:
+    """The tensors hash to the recorded `weights_sha256`: a damaged file (or one with no checksum to verify)
+    is a CheckpointDamaged with the way to restore or re-make it."""
     stage = _stage_that_writes(path)
     recorded = raw.get("weights_sha256")
     if not isinstance(recorded, str):
@@ -205,6 +213,10 @@ def load_encoder_checkpoint(path: str | Path, expect_hidden: int | None = None) 
             f"{path}: weights fail their checksum (sha256 recorded {recorded[:12]}..., found {found[:12]}...): the "
             f"file is damaged; {io.restore_advice(path, stage)}"
         )
+
+
+def _check_required_fields(path: Path, hyperparams: dict, training: dict) -> None:
+    """hyperparams and training hold every key that loading and the stages read."""
     for key in REQUIRED_HYPERPARAMS:
         if key not in hyperparams:
             raise CheckpointError(f"{path}: hyperparams lack '{key}' (found: {', '.join(map(str, hyperparams))})")
@@ -212,6 +224,10 @@ def load_encoder_checkpoint(path: str | Path, expect_hidden: int | None = None) 
         if key not in training:
             raise CheckpointError(f"{path}: training lacks '{key}'")
 
+
+def _check_architecture(path: Path, hyperparams: dict, state_dict: dict, expect_hidden: int | None) -> None:
+    """The hyperparams describe an nn.LSTM (of hidden size `expect_hidden`, if given) whose state_dict has exactly
+    the checkpoint's keys and shapes."""
     arch = {k: hyperparams[k] for k in REQUIRED_HYPERPARAMS}
     hidden = hyperparams["hidden_size"]
     if expect_hidden is not None and hidden != expect_hidden:
@@ -240,6 +256,18 @@ def load_encoder_checkpoint(path: str | Path, expect_hidden: int | None = None) 
             raise CheckpointError(
                 f"{path}: {key} has shape {found}, expected {_shape(shape)} for the architecture {arch}"
             )
+
+
+def load_encoder_checkpoint(path: str | Path, expect_hidden: int | None = None) -> EncoderCheckpoint:
+    """Read and verify an encoder checkpoint; any problem is a CheckpointError naming the file."""
+    path = Path(path)
+    raw = _read_checkpoint_file(path)
+    _check_structure(path, raw)
+    hyperparams, training, state_dict = raw["hyperparams"], raw["training"], raw["state_dict"]
+    decoder = raw.get("decoder_state_dict")
+    _check_weights_checksum(path, raw, state_dict, decoder)
+    _check_required_fields(path, hyperparams, training)
+    _check_architecture(path, hyperparams, state_dict, expect_hidden)
     return EncoderCheckpoint(state_dict=dict(state_dict), hyperparams=dict(hyperparams), training=dict(training),
                              decoder_state_dict=None if decoder is None else dict(decoder))
 

@@ -28,16 +28,10 @@ EXAMPLE_MAX_BARS = 4_000_000
 EXAMPLE_GAP_BARS = 5 * 78
 
 
-def _check(**rules: Any) -> dict:
-    """Field metadata: positive=True, min=, max=, choices=."""
-    return {"rules": rules}
-
-
-def _f(default: Any = dataclasses.MISSING, **rules: Any) -> Any:
-    if isinstance(default, (list, dict)):
-        value = default
-        return field(default_factory=lambda: typing.cast(Any, type(value))(value), metadata=_check(**rules))
-    return field(default=default, metadata=_check(**rules))
+def _f(**rules: Any) -> Any:
+    """A field's range rules (positive=True, min=, max=): checked once at load. No defaults: every value lives in
+    params.yaml, and a missing key is refused by name."""
+    return field(metadata={"rules": rules})
 
 
 @dataclass(frozen=True)
@@ -47,45 +41,45 @@ class ScaleParams:
     `epochs` scales pretraining only: fine-tuning is cheap (about 0.15 s a fold-epoch on a CPU) and a classifier
     cut to a few epochs does not train, so every run fine-tunes for finetune.epochs."""
 
-    windows: float = _f(1.0, positive=True, max=1.0)
-    epochs: float = _f(1.0, positive=True, max=1.0)
+    windows: float = _f(positive=True, max=1.0)
+    epochs: float = _f(positive=True, max=1.0)
 
 
 @dataclass(frozen=True)
 class DataParams:
     # The files prepare reads (and dvc.yaml lists as its deps): the example_market stage's, or a user's own.
-    bars: str = paths.EXAMPLE_BARS
-    labels: str = paths.EXAMPLE_LABELS
+    bars: str
+    labels: str
     # Held-out labeled windows (same format as labels.csv), read only by the evaluation stages. A file without
     # rows (data/no_test_labels.csv) means no held-out set.
-    test_labels: str = paths.EXAMPLE_TEST_LABELS
-    window: int = _f(105, positive=True)
-    unlabeled_windows: int = _f(11873, positive=True)
+    test_labels: str
+    window: int = _f(positive=True)
+    unlabeled_windows: int = _f(positive=True)
     # Fine-tuning uses the first labeled_windows rows of labels.csv (all of them if it has fewer).
-    labeled_windows: int = _f(89, positive=True)
+    labeled_windows: int = _f(positive=True)
     # The example market only: its labels.csv holds this many windows (the label-efficiency curve's pool; its first
     # labeled_windows are the fine-tuning set) and its test_labels.csv test_windows more, after the pool (a
     # continuation of the same stationary generator: new windows, not a changed market).
-    label_pool: int = _f(500, positive=True)
-    test_windows: int = _f(2000, min=0)
+    label_pool: int = _f(positive=True)
+    test_windows: int = _f(min=0)
     # Unlabeled windows start every `stride` bars; labeled windows never overlap each other.
-    stride: int = _f(10, positive=True)
-    val_fraction: float = _f(0.2, positive=True, max=0.5)
+    stride: int = _f(positive=True)
+    val_fraction: float = _f(positive=True, max=0.5)
     # The shortest piece of the labeling regime that must be visible at a labeled window's end.
-    min_final_segment: int = _f(15, positive=True)
+    min_final_segment: int = _f(positive=True)
     # Bars that must lie between every training window (labeled, pool, unlabeled) and the first held-out window
     # (data.heldout: after), and between a purged fold's training and test windows (finetune.cv: purged).
-    embargo: int = _f(105, min=0)
+    embargo: int = _f(min=0)
     # after: the held-out windows come after every training window (checked by prepare; unlabeled windows past the
     # cut are left out). anywhere: interleaved held-out windows are accepted, and every result says so.
-    heldout: Literal["after", "anywhere"] = "after"
+    heldout: Literal["after", "anywhere"]
     # A bar whose range or close-to-close move (log) exceeds this many median absolute log returns of the file is
     # an outlier (moola.data_checks): refused, naming the row, or dropped (one-bar spikes only) if drop_outliers.
-    outlier_threshold: float = _f(500.0, positive=True)
-    drop_outliers: bool = False
+    outlier_threshold: float = _f(positive=True)
+    drop_outliers: bool
     # A held-out set of one class is refused at prepare (its recall, balanced accuracy and MCC are undefined)
     # unless this says it is intended; those metrics are then written as null with the reason.
-    allow_one_class_test: bool = False
+    allow_one_class_test: bool
 
 
 @dataclass(frozen=True)
@@ -96,77 +90,81 @@ class AugmentRecipe:
 
 @dataclass(frozen=True)
 class AugmentParams:
-    jitter_sigma: float = _f(0.01, min=0.0)
-    scaling_sigma: float = _f(0.05, min=0.0)
-    time_warp_knots: int = _f(4, positive=True)
-    recipes: dict[str, AugmentRecipe] = _f({})
+    jitter_sigma: float = _f(min=0.0)
+    scaling_sigma: float = _f(min=0.0)
+    time_warp_knots: int = _f(positive=True)
+    recipes: dict[str, AugmentRecipe]
 
 
 @dataclass(frozen=True)
 class PretrainParams:
-    """Defaults of every experiment; exp1_baseline is exactly this."""
+    """The training settings every experiment shares; an experiment may override any of them."""
 
-    epochs: int = _f(75, positive=True)
-    augment: str = "warp12_x4"
-    mask_ratio: float = _f(0.15, positive=True, max=0.9)
-    patch_size: int = _f(5, positive=True)
-    block_spans: int = _f(1, positive=True)
-    hidden_size: int = _f(128, positive=True)
-    num_layers: int = _f(1, positive=True)
-    decoder_hidden: int = _f(64, positive=True)
-    batch_size: int = _f(2048, positive=True)
-    learning_rate: float = _f(2e-3, positive=True)
-    weight_decay: float = _f(0.0, min=0.0)
-    grad_clip: float = _f(1.0, positive=True)
+    mask_ratio: float = _f(positive=True, max=0.9)
+    patch_size: int = _f(positive=True)
+    block_spans: int = _f(positive=True)
+    hidden_size: int = _f(positive=True)
+    num_layers: int = _f(positive=True)
+    decoder_hidden: int = _f(positive=True)
+    batch_size: int = _f(positive=True)
+    learning_rate: float = _f(positive=True)
+    weight_decay: float = _f(min=0.0)
+    grad_clip: float = _f(positive=True)
     # 0 switches early stopping off: the spec's epochs are what runs.
-    early_stopping_patience: int = _f(0, min=0)
-    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    early_stopping_patience: int = _f(min=0)
+    device: Literal["auto", "cpu", "cuda", "mps"]
     # fp32 | bf16 (autocast; the LSTM runs bf16 only where cuDNN really does, else fp32 outside autocast; on a CPU
     # bf16 where oneDNN runs the LSTM in bf16, else fp32) | fp16 (autocast float16 with loss scaling, CUDA only).
     # moola.numerics decides by running a tiny LSTM. fp32 is the byte promise; bf16 differs by CPU type.
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    precision: Literal["fp32", "bf16", "fp16"]
     # Let float32 matmuls and cuDNN's LSTM use TF32 on Ampere and newer (CUDA only). false = full fp32, what the
     # spec's numbers assume.
-    tf32: bool = False
+    tf32: bool
     # CUDA: deterministic cuDNN kernels, no autotuning (CPU runs are always deterministic).
-    deterministic: bool = True
+    deterministic: bool
     # Torch intra-op threads on CPU. Fixed (not "all cores") so that bytes do not depend on the machine's size.
-    threads: int = _f(2, positive=True)
+    threads: int = _f(positive=True)
     # The resume checkpoint (fsync'ed) is written after an epoch once at least this many epochs and this many
     # seconds have passed since the last one: a GPU epoch (~0.1 s) costs less than the write.
-    resume_every_epochs: int = _f(1, positive=True)
-    resume_every_seconds: float = _f(30.0, min=0.0)
+    resume_every_epochs: int = _f(positive=True)
+    resume_every_seconds: float = _f(min=0.0)
 
 
-EXPERIMENT_KEYS = tuple(f.name for f in dataclasses.fields(PretrainParams)) + ("mask",)
+MaskStrategy = Literal["random", "block", "patch"]
+# What every entry of params.yaml's `experiments` states (its whole description), and what it may state besides.
+EXPERIMENT_REQUIRED = {"epochs": int, "augment": str, "mask_from": str}
+EXPERIMENT_OPTIONAL = {"mask": MaskStrategy}
+EXPERIMENT_KEYS = (*EXPERIMENT_REQUIRED, *EXPERIMENT_OPTIONAL, *(f.name for f in dataclasses.fields(PretrainParams)))
 
 
 @dataclass(frozen=True)
 class Experiment:
-    """One pretraining experiment, resolved: its overrides applied on top of `pretrain` and `mask`."""
+    """One pretraining experiment, resolved: its mask (its own or the top-level one), its training settings
+    (`pretrain` with its overrides), its epochs after scale.epochs and its augment recipe."""
 
     name: str
     mask: str
     train: PretrainParams
     epochs: int  # after scale.epochs
     recipe: AugmentRecipe
+    augment: str  # the recipe's name: data/augmented/<augment>.npy
 
 
 @dataclass(frozen=True)
 class SelectParams:
     # Validation loss still above this at `check_epoch` means the encoder did not learn (reference red flag).
-    max_val_loss_at_check: float = _f(0.05, positive=True)
-    check_epoch: int = _f(25, positive=True)
+    max_val_loss_at_check: float = _f(positive=True)
+    check_epoch: int = _f(positive=True)
     # Final validation loss more than this factor above the best: it diverged after its best epoch.
-    max_final_over_best: float = _f(1.5, min=1.0)
+    max_final_over_best: float = _f(min=1.0)
     # Validation loss more than this factor above the training loss at the end: it overfits.
-    max_val_over_train: float = _f(3.0, min=1.0)
+    max_val_over_train: float = _f(min=1.0)
     # When in doubt, the reference document's default.
-    fallback: str = "exp1_baseline"
+    fallback: str
     # Which validation loss ranks the stable encoders: `common` scores every encoder on one masked validation set
     # (the validation windows, the top-level mask with pretrain's mask settings, masks from `seed`); `own` takes
     # each experiment's best validation loss under its own mask, which favours the easiest mask to fill in.
-    compare_on: Literal["common", "own"] = "common"
+    compare_on: Literal["common", "own"]
 
 
 @dataclass(frozen=True)
@@ -175,55 +173,55 @@ class ReplicateParams:
     fine-tunes from: the spread between them is one of the sources its intervals cover."""
 
     # One run per seed (initialisation, masks, batch order); none of them is the seed the selection run used.
-    seeds: list[int] = _f([101, 102, 103])
+    seeds: list[int]
     # Which experiment the replicates run: `selected` (select's choice), or an experiment named outright (`moola
     # deep` pins exp1_baseline, the reference document's recommendation, whatever select would pick).
-    experiment: str = "selected"
+    experiment: str
     # 0: the selected experiment's epochs (after scale.epochs). A number: that many, whichever is selected (the
     # study trains its replicates longer than its selection runs).
-    epochs: int = _f(0, min=0)
+    epochs: int = _f(min=0)
     # The encoder kept after these epochs (and after the last one): the pretraining-budget curve's points.
-    snapshot_epochs: list[int] = _f([1, 2, 4, 8, 16, 32])
+    snapshot_epochs: list[int]
 
 
 @dataclass(frozen=True)
 class FinetuneParams:
-    folds: int = _f(5, min=2)
-    seeds: list[int] = _f([1337, 1338, 1339])
-    epochs: int = _f(60, positive=True)
-    freeze_epochs: int = _f(10, min=0)
-    batch_size: int = _f(16, positive=True)
-    learning_rate: float = _f(1e-3, positive=True)
-    encoder_learning_rate: float = _f(1e-4, positive=True)
-    weight_decay: float = _f(1e-4, min=0.0)
-    hidden_size: int = _f(128, positive=True)
-    attention_heads: int = _f(8, positive=True)
-    dropout: float = _f(0.1, min=0.0, max=0.9)
-    grad_clip: float = _f(1.0, positive=True)
-    class_weighted: bool = True
-    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    folds: int = _f(min=2)
+    seeds: list[int]
+    epochs: int = _f(positive=True)
+    freeze_epochs: int = _f(min=0)
+    batch_size: int = _f(positive=True)
+    learning_rate: float = _f(positive=True)
+    encoder_learning_rate: float = _f(positive=True)
+    weight_decay: float = _f(min=0.0)
+    hidden_size: int = _f(positive=True)
+    attention_heads: int = _f(positive=True)
+    dropout: float = _f(min=0.0, max=0.9)
+    grad_clip: float = _f(positive=True)
+    class_weighted: bool
+    device: Literal["auto", "cpu", "cuda", "mps"]
     # Torch threads per fit, and (CPU only) fits trained at once in worker processes (moola.fits). A fit's bytes
     # depend on its threads, not on the workers. On this project's 2-vCPU machine 2 workers of 1 thread train as
     # many fits a minute as 1 of 2 threads (BENCHMARKS.md); more real cores can take more workers.
-    threads: int = _f(1, positive=True)
-    workers: int = _f(2, positive=True)
+    threads: int = _f(positive=True)
+    workers: int = _f(positive=True)
     # CUDA: deterministic cuDNN and the math SDPA kernel for the attention; TF32 as in pretrain.tf32.
-    deterministic: bool = True
-    tf32: bool = False
+    deterministic: bool
+    tf32: bool
     # fp32 | bf16: the training steps (forward and loss) under bf16 autocast where pretrain.precision's decision
     # (moola.numerics) says the LSTM runs in bf16; predictions stay fp32. No fp16: fine-tuning has no loss scaling.
-    precision: Literal["fp32", "bf16"] = "fp32"
+    precision: Literal["fp32", "bf16"]
     # Bootstrap resamples for the confidence intervals (metrics and lifts).
-    bootstrap: int = _f(2000, positive=True)
+    bootstrap: int = _f(positive=True)
     # Out-of-fold folds: stratified (shuffled by seed; the reference protocol) | purged (time-ordered, training
     # windows within data.embargo bars of the fold's test windows dropped).
-    cv: Literal["stratified", "purged"] = "stratified"
+    cv: Literal["stratified", "purged"]
     # The held-out numbers again, per consecutive period of equal window count (walk-forward; nothing re-trained).
-    heldout_periods: int = _f(2, positive=True)
+    heldout_periods: int = _f(positive=True)
     # Consecutive windows per block of the bootstrap (neighbouring windows share volatility clusters): a positive
     # integer, or "auto" = round(n ** (1/3)) of the n windows resampled (13 of 2,000 held-out, 4 of 89 out of fold).
     # Checked in _cross_checks (an integer or "auto").
-    bootstrap_block: Any = "auto"
+    bootstrap_block: Any
 
 
 @dataclass(frozen=True)
@@ -231,15 +229,15 @@ class CurveParams:
     """The label-efficiency curve: models trained on `sizes` windows of the label pool, scored on held-out ones."""
 
     # Labeled windows per point (sizes above the pool's are left out, and said so).
-    sizes: list[int] = _f([20, 45, 89, 200, 500])
+    sizes: list[int]
     # One stratified draw of each size per seed; pretrained and scratch train on the same draw.
-    seeds: list[int] = _f([1337, 1338, 1339])
+    seeds: list[int]
 
 
 @dataclass(frozen=True)
 class Params:
     seed: int
-    mask: Literal["random", "block", "patch"]
+    mask: MaskStrategy
     scale: ScaleParams
     data: DataParams
     augment: AugmentParams
@@ -255,11 +253,16 @@ class Params:
             raise ParamsError(
                 f"{PARAMS_FILE}: experiments has no entry '{name}' (expected one of: {', '.join(self.experiments)})"
             )
-        overrides = dict(self.experiments[name])
-        mask = overrides.pop("mask", self.mask)
-        train = dataclasses.replace(self.pretrain, **overrides)
-        epochs = max(1, round(train.epochs * self.scale.epochs))
-        return Experiment(name=name, mask=mask, train=train, epochs=epochs, recipe=self.augment.recipes[train.augment])
+        entry = self.experiments[name]
+        overrides = {k: v for k, v in entry.items() if k not in EXPERIMENT_REQUIRED and k not in EXPERIMENT_OPTIONAL}
+        return Experiment(
+            name=name,
+            mask=entry.get("mask", self.mask),
+            train=dataclasses.replace(self.pretrain, **overrides),
+            epochs=max(1, round(entry["epochs"] * self.scale.epochs)),
+            recipe=self.augment.recipes[entry["augment"]],
+            augment=entry["augment"],
+        )
 
     def all_experiments(self) -> list[Experiment]:
         return [self.experiment(name) for name in self.experiments]
@@ -281,49 +284,59 @@ class Params:
         """Unlabeled windows after scale.windows (at least enough for a train and a validation batch)."""
         return max(8, round(self.data.unlabeled_windows * self.scale.windows))
 
-    @property
-    def finetune_epochs(self) -> int:
-        return self.finetune.epochs  # not scaled (see ScaleParams)
-
-    @property
-    def freeze_epochs(self) -> int:
-        # At least one epoch unfrozen, so that the encoder is always fine-tuned too.
-        return min(self.finetune.epochs - 1, self.finetune.freeze_epochs)
+    def recipe(self, name: str) -> AugmentRecipe:
+        """augment.recipes[name], or the one-line error naming the recipes there are."""
+        if name not in self.augment.recipes:
+            raise ParamsError(f"{PARAMS_FILE}: augment.recipes has no recipe '{name}' "
+                              f"(expected one of: {', '.join(self.augment.recipes)})")
+        return self.augment.recipes[name]
 
 
-def _validate_experiments(raw: Any, params_without: dict) -> dict[str, dict]:
+def _validate_experiments(raw: Any, recipes: Mapping[str, AugmentRecipe]) -> dict[str, dict]:
+    """params.yaml's `experiments`: each entry its whole description (EXPERIMENT_REQUIRED), optionally its own mask
+    and overrides of `pretrain`; typed and range-checked like the sections."""
     if not isinstance(raw, Mapping) or not raw:
-        raise ParamsError(f"{PARAMS_FILE}: experiments must be a non-empty mapping of name -> overrides")
+        raise ParamsError(f"{PARAMS_FILE}: experiments must be a non-empty mapping of name -> description")
     pretrain_hints = typing.get_type_hints(PretrainParams)
     pretrain_fields = {f.name: f for f in dataclasses.fields(PretrainParams)}
     experiments: dict[str, dict] = {}
-    for name, overrides in raw.items():
-        overrides = overrides or {}
-        if not isinstance(overrides, Mapping):
-            raise ParamsError(f"{PARAMS_FILE}: experiments.{name} must be a mapping of overrides, got {overrides!r}")
+    for name, entry in raw.items():
+        if not isinstance(entry, Mapping):
+            raise ParamsError(f"{PARAMS_FILE}: experiments.{name} must be a mapping ({', '.join(EXPERIMENT_REQUIRED)}"
+                              f"[, mask, pretrain overrides]), got {entry!r}")
         clean = {}
-        for key, value in overrides.items():
+        for key, value in entry.items():
             dotted = f"experiments.{name}.{key}"
-            if key == "mask":
-                clean[key] = convert(value, Literal["random", "block", "patch"], dotted)
+            if key in EXPERIMENT_REQUIRED or key in EXPERIMENT_OPTIONAL:
+                clean[key] = convert(value, {**EXPERIMENT_REQUIRED, **EXPERIMENT_OPTIONAL}[key], dotted)
             elif key in pretrain_fields:
                 clean[key] = convert(value, pretrain_hints[key], dotted)
                 apply_rules(clean[key], pretrain_fields[key].metadata.get("rules", {}), dotted)
             else:
-                raise ParamsError(
-                    f"{PARAMS_FILE}: unknown key '{dotted}' (expected one of: {', '.join(EXPERIMENT_KEYS)})"
-                )
+                raise ParamsError(f"{PARAMS_FILE}: unknown key '{dotted}' ({did_you_mean(key, list(EXPERIMENT_KEYS))}"
+                                  f"expected one of: {', '.join(EXPERIMENT_KEYS)})")
+        for key, tp in EXPERIMENT_REQUIRED.items():
+            if key not in clean:
+                raise ParamsError(f"{PARAMS_FILE}: missing key 'experiments.{name}.{key}' ({type_name(tp)} expected)")
+        _check_experiment(str(name), clean, recipes)
         experiments[str(name)] = clean
-    recipes = params_without["augment"].recipes
-    for name, overrides in experiments.items():
-        recipe = overrides.get("augment", params_without["pretrain"].augment)
-        if recipe not in recipes:
-            where = f"experiments.{name}.augment" if "augment" in overrides else "pretrain.augment"
-            raise ParamsError(
-                f"{PARAMS_FILE}: {where} names recipe '{recipe}', expected one of augment.recipes: "
-                f"{', '.join(recipes) or '(none declared)'}"
-            )
     return experiments
+
+
+def _check_experiment(name: str, entry: dict, recipes: Mapping[str, AugmentRecipe]) -> None:
+    """An experiment's recipe exists; its mask_from is the param that really decides its mask (dvc.yaml makes it
+    the pretrain@<name> stage's param dep, so that `dvc exp run -S mask=...` re-runs exactly the experiments that
+    follow the top-level mask)."""
+    apply_rules(entry["epochs"], {"positive": True}, f"experiments.{name}.epochs")
+    if entry["augment"] not in recipes:
+        raise ParamsError(f"{PARAMS_FILE}: experiments.{name}.augment names recipe '{entry['augment']}', expected one "
+                          f"of augment.recipes: {', '.join(recipes)}")
+    own = f"experiments.{name}.mask"
+    expected = own if "mask" in entry else "mask"
+    if entry["mask_from"] != expected:
+        why = "its own mask" if "mask" in entry else "the top-level mask (it has no mask of its own)"
+        raise ParamsError(f"{PARAMS_FILE}: experiments.{name}.mask_from must be '{expected}', the param that decides "
+                          f"{why}, got '{entry['mask_from']}'")
 
 
 def parse_params(raw: Any) -> Params:
@@ -356,7 +369,7 @@ def parse_params(raw: Any) -> Params:
             values[name] = convert(raw[name], tp, name)
     if not values["augment"].recipes:
         raise ParamsError(f"{PARAMS_FILE}: augment.recipes must declare at least one recipe")
-    values["experiments"] = _validate_experiments(experiments_raw, values)
+    values["experiments"] = _validate_experiments(experiments_raw, values["augment"].recipes)
     params = Params(**values)
     _cross_checks(params)
     return params
@@ -499,35 +512,7 @@ def load_params(path: str | Path = PARAMS_FILE) -> Params:
             f"{path}: empty (expected moola's parameters: seed, mask, data, pretrain, experiments, ...; restore the "
             f"project's file with `git checkout -- {path}`)"
         )
-    params = parse_params(raw)
-    _check_pipeline_knows_experiments(params, path)
-    return params
-
-
-def _check_pipeline_knows_experiments(p: Params, params_path: Path) -> None:
-    """Every experiment of params.yaml needs its pretrain stage in dvc.yaml (else select fails after hours)."""
-    dvc_file = params_path.parent / "dvc.yaml"
-    try:
-        stages = (yaml.safe_load(dvc_file.read_text()) or {}).get("stages", {})
-    except (OSError, yaml.YAMLError, AttributeError):
-        return  # no pipeline beside these params (a library call), or one DVC itself will complain about
-    foreach = (stages.get("pretrain") or {}).get("foreach") if isinstance(stages, dict) else None
-    if not isinstance(foreach, dict):
-        return
-    unknown = [name for name in p.experiments if name not in foreach]
-    if unknown:
-        raise ParamsError(
-            f"{params_path}: experiments.{unknown[0]} has no pretrain stage in {dvc_file.name} (its "
-            f"stages.pretrain.foreach lists {', '.join(foreach)}); add `{unknown[0]}: {{augment: "
-            f"{p.experiment(unknown[0]).train.augment}, mask_from: mask}}` there and its files to select's deps, "
-            f"or remove the experiment"
-        )
-    orphans = [name for name in foreach if name not in p.experiments]
-    if orphans:
-        raise ParamsError(
-            f"{dvc_file.name}: stages.pretrain.foreach.{orphans[0]} is not an experiment of {params_path} "
-            f"(expected one of: {', '.join(p.experiments)}); add experiments.{orphans[0]} there or remove the entry"
-        )
+    return parse_params(raw)
 
 
 def as_dict(obj: Any) -> Any:

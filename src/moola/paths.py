@@ -52,8 +52,8 @@ HELDOUT_CONFUSION = "plots/finetune/heldout_confusion.csv"  # every model's held
 ablation_metrics = "metrics/ablation/{}.json".format
 
 # label_curve
-CURVE_METRICS = "metrics/label_curve.json"
-CURVE_PLOT = "plots/label_curve.csv"
+LABEL_CURVE_METRICS = "metrics/label_curve.json"
+LABEL_CURVE_PLOT = "plots/label_curve.csv"
 
 # budget_curve
 BUDGET_METRICS = "metrics/budget_curve.json"

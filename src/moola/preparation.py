@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from moola import paths
 from moola.errors import DataError, ParamsError
 from moola.params import FEATURES, PARAMS_FILE, DataParams, Params
 from moola.windows import (
@@ -160,8 +161,7 @@ def unlabeled_before_heldout(
 
 def check_test_labels_follow_bars(d: DataParams) -> None:
     """Your own bars with the example market's held-out labels cannot match: say which param to set."""
-    example = DataParams()
-    if d.bars != example.bars and d.test_labels == example.test_labels:
+    if d.bars != paths.EXAMPLE_BARS and d.test_labels == paths.EXAMPLE_TEST_LABELS:
         raise ParamsError(
             f"{PARAMS_FILE}: data.test_labels still names the example market's held-out windows ({d.test_labels}) "
             f"while data.bars is {d.bars}; set data.test_labels to your own held-out labels, or to "

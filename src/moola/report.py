@@ -175,13 +175,9 @@ def selection_basis(chosen: dict) -> str:
     return f" (lowest {ranked} among {chosen.get('stable_candidates')} stable; {other})"
 
 
-def report(root: Path = Path("."), ablation: bool = True, curve: bool = True) -> str:
-    """The results as a plain-text table (pretraining, selection, held-out, fine-tuning, curve, ablation).
-
-    ablation=False leaves the ablation out (curve=False the label curve): after a run that did not include it (the
-    tour, the study, `moola deep`), metrics files in the workspace would be another run's."""
-    p = load_params(root / "params.yaml")
-    chosen = _load(root / paths.SELECT_METRICS)
+def pretraining_lines(p, root: Path, chosen: dict | None) -> list[str]:
+    """Every experiment's pretraining losses, with its loss on select's common validation set (`chosen`: the
+    select metrics) where it was scored."""
     common = {name: c.get("common_val_loss") for name, c in ((chosen or {}).get("candidates") or {}).items()}
     lines = ["Pretraining (validation loss = masked-step MSE on held-out windows; best and final under the "
              "experiment's own mask, common: select's one mask set for all)"]
@@ -195,48 +191,71 @@ def report(root: Path = Path("."), ablation: bool = True, curve: bool = True) ->
             f"  {exp:<20} {m['mask']:<7} {m['epochs_run']:>6} {m['best_val_loss']:>10.5f} {m['final_val_loss']:>10.5f}"
             + ("" if common.get(exp) is None else f" {common[exp]:>10.5f}")
         )
+    return lines
+
+
+FINETUNE_HEADER = f"  {'model':<26} {'accuracy':>9} {'balanced':>9} {'recall c0':>10} {'recall c1':>10} {'MCC':>6}"
+
+
+def _finetune_row(name: str, m: dict | None) -> str:
+    """One model's out-of-fold metrics (mean over seeds) under FINETUNE_HEADER."""
+    if not m:
+        return f"  {name:<26} (not run)"
+    get = lambda k: (m.get(k) or {}).get("mean") if isinstance(m.get(k), dict) else m.get(k)  # noqa: E731
+    mcc = get("mcc")
+    return (
+        f"  {name:<26} {_pct(get('accuracy')):>9} {_pct(get('balanced_accuracy')):>9} "
+        f"{_pct(get('recall_' + CLASS_NAMES[0])):>10} {_pct(get('recall_' + CLASS_NAMES[1])):>10} "
+        f"{'  -' if mcc is None else f'{mcc:6.3f}'}"
+    )
+
+
+def finetune_lines(ft: dict | None) -> list[str]:
+    """Fine-tuning out of fold: every model's row, then the lifts with their verdicts."""
+    folds = (ft or {}).get("cv", {}).get("description")
+    lines = [f"Fine-tuning, out of fold ({folds + '; ' if folds else ''}mean over seeds; c0 consolidation, "
+             "c1 retracement)", FINETUNE_HEADER]
+    if not ft:
+        return lines + ["  (not run)"]
+    for init in ROWS:
+        if init in ft:
+            lines.append(_finetune_row(init, ft.get(init)))
+    for key, name in LIFT_NAMES.items():
+        lift = ft.get(key)
+        if lift and "accuracy" in lift:
+            lines.append(f"  {key} ({name}): {_lift_cells(lift)}")
+            lines.append(f"    verdict: {lift.get('verdict', '')}")
+    return lines
+
+
+def ablation_lines(p, root: Path, ablation: bool) -> list[str]:
+    """The same fine-tuning from each experiment's encoder; `ablation` False: left out of this run."""
+    found = [(exp, _load(root / paths.ablation_metrics(exp))) for exp in p.experiments] if ablation else []
+    if not any(m for _, m in found):
+        return ["Ablation: not run (`dvc exp run` or `dvc repro` runs it; the tour and the study leave it out)"]
+    return (["Ablation: the same fine-tuning from each encoder (out of fold)", FINETUNE_HEADER]
+            + [_finetune_row(f"from {exp}", (m or {}).get("pretrained")) for exp, m in found])
+
+
+def report(root: Path = Path("."), ablation: bool = True, curve: bool = True) -> str:
+    """The results as a plain-text table (pretraining, selection, held-out, fine-tuning, curve, ablation).
+
+    ablation=False leaves the ablation out (curve=False the label curve): after a run that did not include it (the
+    tour, the study, `moola deep`), metrics files in the workspace would be another run's."""
+    p = load_params(root / "params.yaml")
+    chosen = _load(root / paths.SELECT_METRICS)
+    lines = pretraining_lines(p, root, chosen)
     if chosen:
         lines.append(f"Selected encoder: {chosen.get('selected')}" + selection_basis(chosen))
     lines += replicate_lines(p, root)
     ft = _load(root / paths.FINETUNE_METRICS)
     held = (ft or {}).get("heldout")
     lines += [""] + warning_lines(held) + heldout_lines(held) + period_lines(held)
-    header = f"  {'model':<26} {'accuracy':>9} {'balanced':>9} {'recall c0':>10} {'recall c1':>10} {'MCC':>6}"
-    folds = (ft or {}).get("cv", {}).get("description")
-    lines += ["", f"Fine-tuning, out of fold ({folds + '; ' if folds else ''}mean over seeds; c0 consolidation, "
-              "c1 retracement)", header]
-
-    def row(name: str, m: dict | None) -> str:
-        if not m:
-            return f"  {name:<26} (not run)"
-        get = lambda k: (m.get(k) or {}).get("mean") if isinstance(m.get(k), dict) else m.get(k)  # noqa: E731
-        mcc = get("mcc")
-        return (
-            f"  {name:<26} {_pct(get('accuracy')):>9} {_pct(get('balanced_accuracy')):>9} "
-            f"{_pct(get('recall_' + CLASS_NAMES[0])):>10} {_pct(get('recall_' + CLASS_NAMES[1])):>10} "
-            f"{'  -' if mcc is None else f'{mcc:6.3f}'}"
-        )
-
-    if ft:
-        for init in ROWS:
-            if init in ft:
-                lines.append(row(init, ft.get(init)))
-        for key, name in LIFT_NAMES.items():
-            lift = ft.get(key)
-            if lift and "accuracy" in lift:
-                lines.append(f"  {key} ({name}): {_lift_cells(lift)}")
-                lines.append(f"    verdict: {lift.get('verdict', '')}")
-    else:
-        lines.append("  (not run)")
+    lines += [""] + finetune_lines(ft)
     if curve:  # `moola deep` does not run the label curve: a file in the workspace would be another run's
-        lines += [""] + curve_lines(_load(root / paths.CURVE_METRICS))
+        lines += [""] + curve_lines(_load(root / paths.LABEL_CURVE_METRICS))
     lines += [""] + budget_lines(_load(root / paths.BUDGET_METRICS))
-    found = [(exp, _load(root / paths.ablation_metrics(exp))) for exp in p.experiments] if ablation else []
-    if any(m for _, m in found):
-        lines += ["", "Ablation: the same fine-tuning from each encoder (out of fold)", header]
-        lines += [row(f"from {exp}", (m or {}).get("pretrained")) for exp, m in found]
-    else:
-        lines += ["", "Ablation: not run (`dvc exp run` or `dvc repro` runs it; the tour and the study leave it out)"]
+    lines += [""] + ablation_lines(p, root, ablation)
     return "\n".join(lines)
 
 

@@ -56,6 +56,83 @@ def _finite(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def _non_finite_loss(curve: pd.DataFrame, best) -> str:
+    """The rejection of a curve with a non-finite loss: the first epoch that has one, else the bad best_val_loss."""
+    bad = curve["epoch"][~np.isfinite(curve[["train_loss", "val_loss"]].to_numpy()).all(axis=1)].tolist()
+    where = f" at epoch {bad[0]}" if bad else f" (best_val_loss {best!r})"
+    return f"non-finite loss{where}"
+
+
+def _check_learned(cand: Candidate, val: np.ndarray, sp: SelectParams) -> None:
+    """Learned: the validation loss at select.check_epoch is at most select.max_val_loss_at_check."""
+    if len(val) < sp.check_epoch:
+        # The red flag is defined at check_epoch (25 in the reference): a shorter run (a tour) cannot be judged.
+        cand.notes.append(
+            f"ran {len(val)} epochs (< select.check_epoch {sp.check_epoch}): the did-not-learn check does not apply"
+        )
+        return
+    check_row = sp.check_epoch - 1
+    if val[check_row] > sp.max_val_loss_at_check:
+        cand.rejections.append(
+            f"did not learn: val loss {val[check_row]:.4g} at epoch {sp.check_epoch} > "
+            f"select.max_val_loss_at_check {sp.max_val_loss_at_check:g}"
+        )
+
+
+def _check_diverged(cand: Candidate, val: np.ndarray, best_row: int, sp: SelectParams) -> None:
+    """Did not diverge: the final validation loss is at most select.max_final_over_best x its best."""
+    if val[-1] > sp.max_final_over_best * val[best_row]:
+        cand.rejections.append(
+            f"diverged: final val loss {val[-1]:.4g} is {val[-1] / val[best_row]:.2f}x its best "
+            f"{val[best_row]:.4g} (epoch {cand.best_epoch}) > select.max_final_over_best {sp.max_final_over_best:g}"
+        )
+
+
+def _check_overfits(cand: Candidate, val: np.ndarray, train: np.ndarray, sp: SelectParams) -> None:
+    """Does not overfit: the final validation loss is at most select.max_val_over_train x the final train loss."""
+    if val[-1] > sp.max_val_over_train * train[-1]:
+        cand.rejections.append(
+            f"overfits: final val loss {val[-1]:.4g} is {val[-1] / train[-1]:.2f}x the final train loss "
+            f"{train[-1]:.4g} > select.max_val_over_train {sp.max_val_over_train:g}"
+        )
+
+
+def _check_convergence(cand: Candidate, curve: pd.DataFrame, sp: SelectParams) -> None:
+    """Record the best epoch and the final losses of a finite curve, then judge learned, diverged, overfits."""
+    val, train = curve["val_loss"].to_numpy(), curve["train_loss"].to_numpy()
+    best_row = int(val.argmin())
+    cand.best_epoch = int(curve["epoch"].iloc[best_row])
+    cand.final_val_loss, cand.final_train_loss = float(val[-1]), float(train[-1])
+    _check_learned(cand, val, sp)
+    _check_diverged(cand, val, best_row, sp)
+    _check_overfits(cand, val, train, sp)
+
+
+def _check_architecture(cand: Candidate, hidden_size: int | None, expect_hidden: int) -> None:
+    """Fits SimpleLSTM: the encoder's forward hidden size is finetune.hidden_size."""
+    if hidden_size != expect_hidden:
+        cand.rejections.append(
+            f"architecture: forward hidden size {hidden_size}, SimpleLSTM needs {expect_hidden} "
+            "(finetune.hidden_size)"
+        )
+
+
+def _check_common_loss(
+    cand: Candidate, common_val_loss: float | None, common_problem: str | None, compare_on: str
+) -> None:
+    """Scored on the common validation set with a finite loss: required when ranking on it, else only noted."""
+    if common_problem is None and not _finite(common_val_loss):
+        common_problem = f"non-finite loss {common_val_loss!r}"
+    if common_problem is None:
+        return
+    cand.common_val_loss = None
+    if compare_on == "common":
+        cand.rejections.append(f"not scored on the common validation set (select.compare_on common): "
+                               f"{common_problem}")
+    else:
+        cand.notes.append(f"no common validation loss: {common_problem}")
+
+
 def assess(
     name: str, metrics: dict, curve: pd.DataFrame, hidden_size: int | None, checkpoint_problem: str | None,
     sp: SelectParams, expect_hidden: int, common_val_loss: float | None = None, common_problem: str | None = None,
@@ -69,53 +146,14 @@ def assess(
     if curve.empty:
         cand.rejections.append("no epochs in its loss curve")
     elif cand.best_val_loss is None or not np.isfinite(curve[["train_loss", "val_loss"]].to_numpy()).all():
-        bad = curve["epoch"][~np.isfinite(curve[["train_loss", "val_loss"]].to_numpy()).all(axis=1)].tolist()
-        where = f" at epoch {bad[0]}" if bad else f" (best_val_loss {best!r})"
-        cand.rejections.append(f"non-finite loss{where}")
+        cand.rejections.append(_non_finite_loss(curve, best))
     else:
-        val, train = curve["val_loss"].to_numpy(), curve["train_loss"].to_numpy()
-        best_row = int(val.argmin())
-        cand.best_epoch = int(curve["epoch"].iloc[best_row])
-        cand.final_val_loss, cand.final_train_loss = float(val[-1]), float(train[-1])
-        if len(curve) < sp.check_epoch:
-            # The red flag is defined at check_epoch (25 in the reference): a shorter run (a tour) cannot be judged.
-            cand.notes.append(
-                f"ran {len(curve)} epochs (< select.check_epoch {sp.check_epoch}): the did-not-learn check does not apply"
-            )
-        else:
-            check_row = sp.check_epoch - 1
-            if val[check_row] > sp.max_val_loss_at_check:
-                cand.rejections.append(
-                    f"did not learn: val loss {val[check_row]:.4g} at epoch {sp.check_epoch} > "
-                    f"select.max_val_loss_at_check {sp.max_val_loss_at_check:g}"
-                )
-        if val[-1] > sp.max_final_over_best * val[best_row]:
-            cand.rejections.append(
-                f"diverged: final val loss {val[-1]:.4g} is {val[-1] / val[best_row]:.2f}x its best "
-                f"{val[best_row]:.4g} (epoch {cand.best_epoch}) > select.max_final_over_best {sp.max_final_over_best:g}"
-            )
-        if val[-1] > sp.max_val_over_train * train[-1]:
-            cand.rejections.append(
-                f"overfits: final val loss {val[-1]:.4g} is {val[-1] / train[-1]:.2f}x the final train loss "
-                f"{train[-1]:.4g} > select.max_val_over_train {sp.max_val_over_train:g}"
-            )
+        _check_convergence(cand, curve, sp)
     if checkpoint_problem is not None:
         cand.rejections.append(f"checkpoint unusable: {checkpoint_problem}")
     else:
-        if hidden_size != expect_hidden:
-            cand.rejections.append(
-                f"architecture: forward hidden size {hidden_size}, SimpleLSTM needs {expect_hidden} "
-                "(finetune.hidden_size)"
-            )
-        if common_problem is None and not _finite(common_val_loss):
-            common_problem = f"non-finite loss {common_val_loss!r}"
-        if common_problem is not None:
-            cand.common_val_loss = None
-            if sp.compare_on == "common":
-                cand.rejections.append(f"not scored on the common validation set (select.compare_on common): "
-                                       f"{common_problem}")
-            else:
-                cand.notes.append(f"no common validation loss: {common_problem}")
+        _check_architecture(cand, hidden_size, expect_hidden)
+        _check_common_loss(cand, common_val_loss, common_problem, sp.compare_on)
     return cand
 
 

@@ -26,13 +26,10 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from moola import paths
 from moola.errors import DataError
 from moola.params import CLASS_NAMES, FEATURES
 
 PRICE_COLUMNS = list(FEATURES)
-# Where the prepare stage writes its windows (moola.paths names every output once).
-UNLABELED, LABELED, LABEL_POOL, TEST = paths.UNLABELED, paths.LABELED, paths.LABEL_POOL, paths.TEST
 
 
 @dataclass(frozen=True)

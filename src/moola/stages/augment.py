@@ -9,21 +9,16 @@ import argparse
 import time
 import zlib
 
-
 from moola import io, paths
-from moola.augment import augment_windows
-from moola.errors import ParamsError, run_main
-from moola.params import PARAMS_FILE, Params, load_params
-from moola.windows import UNLABELED, read_windows
-
-
-def output_path(recipe: str) -> str:
-    return paths.augmented(recipe)
+from moola.augmentation import augment_windows
+from moola.errors import run_main
+from moola.params import Params, load_params
+from moola.windows import read_windows
 
 
 def augment_arguments(p: Params, recipe: str) -> dict:
     """augment_windows' arguments but the windows, for one recipe: what this stage runs (and benchmarks/ times)."""
-    r = p.augment.recipes[recipe]
+    r = p.recipe(recipe)
     return dict(
         multiplier=r.multiplier,
         time_warp_sigma=r.time_warp_sigma,
@@ -40,18 +35,13 @@ def main() -> None:
     parser.add_argument("--recipe", required=True, help="a key of augment.recipes in params.yaml")
     args = parser.parse_args()
     p = load_params()
-    if args.recipe not in p.augment.recipes:
-        raise ParamsError(
-            f"{PARAMS_FILE}: augment.recipes has no recipe '{args.recipe}' "
-            f"(expected one of: {', '.join(p.augment.recipes)})"
-        )
-    recipe = p.augment.recipes[args.recipe]
-    windows = read_windows(UNLABELED)
+    recipe = p.recipe(args.recipe)
+    windows = read_windows(paths.UNLABELED)
     train = windows.values[windows.split == "train"]
     began = time.perf_counter()
     augmented = augment_windows(train, **augment_arguments(p, args.recipe))
     seconds = time.perf_counter() - began
-    io.write_npy(output_path(args.recipe), augmented)
+    io.write_npy(paths.augmented(args.recipe), augmented)
     print(
         f"Augmented {len(train):,} training windows x (1 + {recipe.multiplier}) = {len(augmented):,} samples "
         f"(time warp sigma {recipe.time_warp_sigma}) in {seconds:.1f}s",

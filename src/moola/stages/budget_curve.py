@@ -1,4 +1,4 @@
-"""Stage budget_curve: the held-out lift against pretraining epochs (moola.budget_curve).
+"""Stage budget_curve: the held-out lift against pretraining epochs (moola.pretraining_budget).
 
     python -m moola.stages.budget_curve
 
@@ -14,17 +14,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from moola import budget_curve, io, paths
+from moola import io, paths, pretraining_budget
 from moola.device import describe
 from moola.errors import DataError, run_main
-from moola.finetuning import FinetuneConfig, finetune_device, finetune_numerics, fit_placement
+from moola.finetuning import finetune_device, finetune_numerics, fit_placement
 from moola.models import load_encoder_checkpoint
 from moola.numerics import attention_kernels
 from moola.params import Params, load_params
 from moola.windows import read_windows
-
-BUDGET_METRICS = Path(paths.BUDGET_METRICS)
-BUDGET_PLOT = Path(paths.BUDGET_PLOT)
 
 
 def read_snapshots(p: Params) -> tuple[dict, list[int], str]:
@@ -49,7 +46,7 @@ def read_snapshots(p: Params) -> tuple[dict, list[int], str]:
                 raise DataError(f"{path}: a run of '{made_from}', the other replicates of '{experiment}'; run "
                                 f"`dvc repro replicate`")
             experiment = made_from
-            snapshots[budget_curve.snapshot_key(f"seed{seed}", epoch)] = checkpoint.state_dict
+            snapshots[pretraining_budget.snapshot_key(f"seed{seed}", epoch)] = checkpoint.state_dict
             found.append(epoch)
         if epochs is not None and found != epochs:
             raise DataError(f"{folder}: snapshots after epochs {found}, the other replicates' after {epochs}; run "
@@ -60,6 +57,7 @@ def read_snapshots(p: Params) -> tuple[dict, list[int], str]:
 
 
 def run(p: Params) -> None:
+    """Train the curve's fits and write its metrics and plot (without held-out windows: a note saying so)."""
     ft = p.finetune
     labeled, test = read_windows(paths.LABELED), read_windows(paths.TEST)
     if labeled.label is None:
@@ -68,8 +66,8 @@ def run(p: Params) -> None:
         note = f"no held-out set ({p.data.test_labels} has no rows): the budget curve needs held-out windows"
         print(note, flush=True)
         with io.written_together():
-            io.write_json(BUDGET_METRICS, {"heldout_windows": 0, "note": note})
-            io.write_text(BUDGET_PLOT, pd.DataFrame(columns=["epoch", "lift"]).to_csv(index=False))
+            io.write_json(paths.BUDGET_METRICS, {"heldout_windows": 0, "note": note})
+            io.write_text(paths.BUDGET_PLOT, pd.DataFrame(columns=["epoch", "lift"]).to_csv(index=False))
         return
     if test.label is None:
         raise DataError(f"{paths.TEST}: column 'label' missing (expected the held-out windows file)")
@@ -81,17 +79,16 @@ def run(p: Params) -> None:
     replicates = [f"seed{s}" for s in p.replicates.seeds]
     device = finetune_device(ft)
     numerics = finetune_numerics(ft, device)
-    cfg = FinetuneConfig.from_params(p, numerics)
     fits = len(epochs) * len(replicates) * len(ft.seeds) + 2 * len(ft.seeds)
     print(f"budget curve of {experiment}: epochs {epochs} x replicates {replicates} x seeds {ft.seeds} on "
           f"{len(labeled)} labeled windows, {fits} fits; held-out {len(test)}; device {describe(device)}; "
           f"{fit_placement(ft, device)}", flush=True)
     with attention_kernels(device, ft.deterministic):
-        result = budget_curve.run_budget(labeled.values, labeled.label, test.values, cfg, snapshots, epochs,
-                                         replicates, ft.seeds, device, ft.workers, ft.threads)
+        result = pretraining_budget.run_budget(labeled.values, labeled.label, test.values, ft, snapshots, epochs,
+                                         replicates, ft.seeds, device, ft.workers, ft.threads, numerics=numerics)
     order = np.argsort(test.start, kind="stable")
-    report, table = budget_curve.budget_report(test.label, result, ft.bootstrap, p.seed, ft.bootstrap_block, order)
-    report = {"experiment": experiment, "labeled_windows": len(labeled), "epochs_finetune": cfg.epochs,
+    report, table = pretraining_budget.budget_report(test.label, result, ft.bootstrap, p.seed, ft.bootstrap_block, order)
+    report = {"experiment": experiment, "labeled_windows": len(labeled), "epochs_finetune": ft.epochs,
               "precision": numerics.ran, **report}
     for epoch, entry in report["by_epoch"].items():
         print(f"pretraining epochs {epoch:>3}: " + "; ".join(
@@ -99,9 +96,9 @@ def run(p: Params) -> None:
             f"[{100 * entry[name]['accuracy']['ci_low']:+.1f}, {100 * entry[name]['accuracy']['ci_high']:+.1f}]"
             for name in ("lift", "lift_same_schedule")), flush=True)
     with io.written_together():
-        io.write_text(BUDGET_PLOT, table.to_csv(index=False, float_format="%.6f", lineterminator="\n"))
-        io.write_json(BUDGET_METRICS, report)
-    print(f"wrote {BUDGET_METRICS}, {BUDGET_PLOT}", flush=True)
+        io.write_text(paths.BUDGET_PLOT, table.to_csv(index=False, float_format="%.6f", lineterminator="\n"))
+        io.write_json(paths.BUDGET_METRICS, report)
+    print(f"wrote {paths.BUDGET_METRICS}, {paths.BUDGET_PLOT}", flush=True)
 
 
 def main() -> None:

@@ -14,22 +14,23 @@ from moola import io, market, paths
 from moola.errors import run_main
 from moola.params import EXAMPLE_MAX_BARS, DataParams, example_market_bars, load_params, reads_example_market
 
-BARS, LABELS, TEST_LABELS = paths.EXAMPLE_BARS, paths.EXAMPLE_LABELS, paths.EXAMPLE_TEST_LABELS
+
+# The reference document's sizes (105-bar windows, 11,873 unlabeled, 89 labeled, ...): what the example market is
+# written at when data.bars is your own file and data.* would ask it for more bars than fit in memory.
+FALLBACK_SIZES = {"window": 105, "stride": 10, "unlabeled_windows": 11873, "labeled_windows": 89, "label_pool": 500,
+                  "test_windows": 2000, "min_final_segment": 15}
 
 
 def example_sizes(d: DataParams) -> DataParams:
     """The data params the example market is generated with: `d`, or, where data.bars is your own file (nothing
-    reads the example) and `d` asks for more bars than fit in memory, the default sizes (the stage still runs in a
+    reads the example) and `d` asks for more bars than fit in memory, FALLBACK_SIZES (the stage still runs in a
     plain `dvc repro`, so it must not fail on own data that needs large windows)."""
     if reads_example_market(d) or example_market_bars(d) <= EXAMPLE_MAX_BARS:
         return d
-    default = DataParams()
-    sizes = ("window", "stride", "unlabeled_windows", "labeled_windows", "label_pool", "test_windows",
-             "min_final_segment")
     print(f"data.bars is {d.bars}, not the example market, and data.* would ask it for {example_market_bars(d):,} "
-          f"bars (more than {EXAMPLE_MAX_BARS:,}): writing it at its default size instead (nothing reads it)",
+          f"bars (more than {EXAMPLE_MAX_BARS:,}): writing it at the reference sizes instead (nothing reads it)",
           flush=True)
-    return dataclasses.replace(d, **{k: getattr(default, k) for k in sizes})
+    return dataclasses.replace(d, **FALLBACK_SIZES)
 
 
 def main() -> None:
@@ -46,13 +47,14 @@ def main() -> None:
     )
     table = pa.Table.from_pandas(bars, schema=schema, preserve_index=False).replace_schema_metadata(None)
     with io.written_together():
-        io.write_parquet(BARS, table)
-        io.write_text(LABELS, labels.to_csv(index=False))
-        io.write_text(TEST_LABELS, test_labels.to_csv(index=False))
+        io.write_parquet(paths.EXAMPLE_BARS, table)
+        io.write_text(paths.EXAMPLE_LABELS, labels.to_csv(index=False))
+        io.write_text(paths.EXAMPLE_TEST_LABELS, test_labels.to_csv(index=False))
     print(
-        f"Example market: {len(bars):,} bars -> {BARS}, {len(labels)} labeled windows -> {LABELS}, "
+        f"Example market: {len(bars):,} bars -> {paths.EXAMPLE_BARS}, {len(labels)} labeled windows -> "
+        f"{paths.EXAMPLE_LABELS}, "
         f"{len(test_labels)} held-out windows (after the pool: a continuation of the same stationary generator) "
-        f"-> {TEST_LABELS}",
+        f"-> {paths.EXAMPLE_TEST_LABELS}",
         flush=True,
     )
 

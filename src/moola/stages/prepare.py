@@ -12,21 +12,12 @@ import sys
 import numpy as np
 import pandas as pd
 
-from moola import io
+from moola import io, paths
 from moola.data_checks import check_outliers, check_test_classes, degenerate_warnings
 from moola.errors import run_main
 from moola.params import CLASS_NAMES, FEATURES, DataParams, load_params
 from moola.preparation import Prepared, check_test_labels_follow_bars, prepare
-from moola.windows import (
-    LABEL_POOL,
-    LABELED,
-    TEST,
-    UNLABELED,
-    check_pipeline_can_finish,
-    read_bars,
-    read_label_table,
-    windows_table,
-)
+from moola.windows import check_pipeline_can_finish, read_bars, read_label_table, windows_table
 
 
 def main() -> None:
@@ -49,10 +40,10 @@ def main() -> None:
     counts = np.bincount(labeled.label, minlength=len(CLASS_NAMES))
     # Every file is computed before any is written: bad input never leaves one of them behind.
     with io.written_together():
-        io.write_parquet(UNLABELED, windows_table(unlabeled))
-        io.write_parquet(LABELED, windows_table(labeled))
-        io.write_parquet(LABEL_POOL, windows_table(out.pool))
-        io.write_parquet(TEST, windows_table(out.test))
+        io.write_parquet(paths.UNLABELED, windows_table(unlabeled))
+        io.write_parquet(paths.LABELED, windows_table(labeled))
+        io.write_parquet(paths.LABEL_POOL, windows_table(out.pool))
+        io.write_parquet(paths.TEST, windows_table(out.test))
     print(
         f"Loaded {len(unlabeled):,} unlabeled windows ({len(unlabeled) - n_val:,} train, {n_val:,} validation; "
         f"{p.data.window} bars x {len(FEATURES)} features, from {p.data.bars})",

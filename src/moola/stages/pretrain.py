@@ -1,9 +1,10 @@
 """Stage pretrain@<experiment>: unlabeled windows (augmented training split, plain validation split) -> encoder.
 
-    python -m moola.stages.pretrain --experiment exp1_baseline --augmented data/augmented/warp12_x4.npy
+    python -m moola.stages.pretrain --experiment exp1_baseline
 
-Writes data/pretrained/<exp>_encoder.pt, metrics/pretrain/<exp>.json, plots/pretrain/<exp>.csv and (not a DVC
-output) metrics/runtime/pretrain_<exp>.json. A run that is killed resumes from .moola/resume/pretrain/<exp>.pt
+Trains on data/augmented/<recipe>.npy, the recipe params.yaml gives the experiment. Writes
+data/pretrained/<exp>_encoder.pt, metrics/pretrain/<exp>.json, plots/pretrain/<exp>.csv and (not a DVC output)
+metrics/runtime/pretrain_<exp>.json. A run that is killed resumes from .moola/resume/pretrain/<exp>.pt
 when started again with the same params and data, and ends with the same bytes as an uninterrupted one.
 Imports neither dvc nor dvclive: a GPU box needs only torch, numpy, pandas, pyarrow, pyyaml and tqdm.
 """
@@ -19,16 +20,11 @@ import torch
 
 from moola import io, paths
 from moola.device import pick_device
-from moola.errors import DataError, ParamsError, run_main
+from moola.errors import DataError, run_main
 from moola.models import count_parameters, save_encoder_checkpoint
-from moola.params import FEATURES, PARAMS_FILE, load_params
+from moola.params import FEATURES, Experiment, Params, load_params
 from moola.pretraining import PretrainResult, encoder_hyperparams, log_line, pretrain, read_unlabeled
 from moola.resume import file_digest, resume_fingerprint, resume_path_for
-from moola.windows import UNLABELED
-
-
-def runtime_path(experiment: str) -> str:
-    return paths.runtime(f"pretrain_{experiment}")
 
 
 def load_augmented(path: Path, rows: int, window: int, recipe: str) -> np.ndarray:
@@ -85,52 +81,21 @@ def plot_csv(result: PretrainResult) -> str:
     return "\n".join(rows) + "\n"
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--experiment", required=True, help="a key of experiments in params.yaml")
-    parser.add_argument("--augmented", required=True, help="data/augmented/<recipe>.npy of the experiment's recipe")
-    args = parser.parse_args(argv)
-
-    p = load_params()
-    exp = p.experiment(args.experiment)
-    augmented = Path(args.augmented)
-    if augmented.stem != exp.train.augment:
-        source = f"experiments.{exp.name}.augment" if "augment" in p.experiments[exp.name] else "pretrain.augment"
-        raise ParamsError(
-            f"dvc.yaml and {PARAMS_FILE} disagree: stage pretrain@{exp.name} passes --augmented {augmented} "
-            f"(recipe '{augmented.stem}') but {PARAMS_FILE} {source} is '{exp.train.augment}'; edit dvc.yaml, "
-            f"stages.pretrain.foreach.{exp.name}.augment, to '{exp.train.augment}'"
-        )
-
-    windows, val = read_unlabeled(UNLABELED, p.data.window)  # select scores on the same validation split
-    is_train = windows.split == "train"
-    n_train = int(is_train.sum())
-    train = load_augmented(augmented, n_train * (1 + exp.recipe.multiplier), p.data.window, exp.train.augment)
+def read_training_data(p: Params, exp: Experiment) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """The experiment's augmented training samples, the plain validation windows, and how many unlabeled windows
+    and training windows there are; checked (select scores on the same validation split)."""
+    augmented = Path(paths.augmented(exp.augment))
+    windows, val = read_unlabeled(paths.UNLABELED, p.data.window)
+    n_train = int((windows.split == "train").sum())
+    train = load_augmented(augmented, n_train * (1 + exp.recipe.multiplier), p.data.window, exp.augment)
     if not np.isfinite(train).all():
         raise DataError(f"{augmented}: holds NaN or infinite values (expected finite normalised prices)")
+    return train, val, len(windows), n_train
 
-    device = pick_device(exp.train.device)  # pretrain() sets its threads (moola.device.use_threads)
-    batches = math.ceil(len(train) / exp.train.batch_size)
-    log_line(
-        f"Loaded {len(windows):,} unlabeled windows ({n_train:,} train, {len(val):,} validation); "
-        f"{len(train):,} training samples after augmentation; {batches:,} batches per epoch; "
-        f"device {device.type}"
-    )
-    log_line(
-        f"{exp.name}: {exp.epochs} epochs, mask {exp.mask} {exp.train.mask_ratio:g}, recipe {exp.train.augment}, "
-        f"precision {exp.train.precision}"
-    )
 
-    fingerprint = resume_fingerprint(
-        exp, p.seed, {UNLABELED: file_digest(UNLABELED), str(augmented): file_digest(augmented)}, device.type
-    )
-    resume = resume_path_for(exp.name)
-    result = pretrain(train, val, exp, p.seed, device=device, resume_path=resume, fingerprint=fingerprint)
-
-    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
-    if peak is not None:
-        log_line(f"{exp.name}: peak GPU memory {peak:,.0f} MiB")  # moola parallel repeats this line per job
-    with io.written_together():  # the encoder, its metrics, curve and runtime: all or none
+def write_outputs(p: Params, exp: Experiment, result: PretrainResult, peak_mib: float | None) -> None:
+    """The encoder, its metrics, its curve and the runtime facts: all or none."""
+    with io.written_together():
         save_encoder_checkpoint(
             paths.encoder(exp.name), result.model, encoder_hyperparams(exp, p.data.window, result.numerics),
             result.training,
@@ -138,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
         io.write_json(paths.pretrain_metrics(exp.name), metrics(result, exp))
         io.write_text(paths.pretrain_curve(exp.name), plot_csv(result))
         io.write_json(
-            runtime_path(exp.name),
+            paths.runtime(f"pretrain_{exp.name}"),
             {
                 "seconds": round(result.seconds, 3),
                 "samples_per_second": round(result.samples_per_second, 1),
@@ -148,9 +113,39 @@ def main(argv: list[str] | None = None) -> None:
                 "precision": result.precision,
                 # What really ran: the LSTM's dtype (read from its output), autocast, loss scaling, TF32, cuDNN flags.
                 "numerics": result.numerics,
-                "peak_gpu_memory_mib": None if peak is None else round(peak, 1),
+                "peak_gpu_memory_mib": None if peak_mib is None else round(peak_mib, 1),
             },
         )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--experiment", required=True, help="a key of experiments in params.yaml")
+    args = parser.parse_args(argv)
+    p = load_params()
+    exp = p.experiment(args.experiment)
+    train, val, n_windows, n_train = read_training_data(p, exp)
+
+    device = pick_device(exp.train.device)  # pretrain() sets its threads (moola.device.use_threads)
+    log_line(
+        f"Loaded {n_windows:,} unlabeled windows ({n_train:,} train, {len(val):,} validation); "
+        f"{len(train):,} training samples after augmentation; {math.ceil(len(train) / exp.train.batch_size):,} "
+        f"batches per epoch; device {device.type}"
+    )
+    log_line(
+        f"{exp.name}: {exp.epochs} epochs, mask {exp.mask} {exp.train.mask_ratio:g}, recipe {exp.augment}, "
+        f"precision {exp.train.precision}"
+    )
+    augmented = paths.augmented(exp.augment)
+    digests = {paths.UNLABELED: file_digest(paths.UNLABELED), augmented: file_digest(augmented)}
+    resume = resume_path_for(exp.name)
+    result = pretrain(train, val, exp, p.seed, device=device, resume_path=resume,
+                      fingerprint=resume_fingerprint(exp, p.seed, digests, device.type))
+
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    if peak is not None:
+        log_line(f"{exp.name}: peak GPU memory {peak:,.0f} MiB")  # moola parallel repeats this line per job
+    write_outputs(p, exp, result, peak)
     resume.unlink(missing_ok=True)
     log_line(
         f"{exp.name}: best val loss {result.best_val_loss:.6f} at epoch {result.best_epoch} of "

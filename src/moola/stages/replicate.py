@@ -19,7 +19,6 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -28,10 +27,9 @@ from moola.device import pick_device
 from moola.errors import DataError, ParamsError, run_main
 from moola.models import save_encoder_checkpoint
 from moola.params import PARAMS_FILE, Experiment, Params, load_params
-from moola.pretraining import encoder_hyperparams, log_line, pretrain, read_unlabeled
+from moola.pretraining import encoder_hyperparams, log_line, pretrain
 from moola.resume import file_digest, resume_fingerprint, resume_path_for
-from moola.stages.pretrain import load_augmented, metrics, plot_csv
-from moola.windows import UNLABELED
+from moola.stages.pretrain import metrics, plot_csv, read_training_data
 
 
 def selected_experiment(p: Params, select_report: Path = Path(paths.SELECT_METRICS)) -> str:
@@ -80,19 +78,14 @@ def main(argv: list[str] | None = None) -> None:
     replicated = p.replicated(selected_experiment(p))
     exp = replicate_experiment(p, replicated)
     snapshots = p.budget_epochs(replicated)
-    augmented = Path(paths.augmented(exp.train.augment))
-
-    windows, val = read_unlabeled(UNLABELED, p.data.window)
-    n_train = int((windows.split == "train").sum())
-    train = load_augmented(augmented, n_train * (1 + exp.recipe.multiplier), p.data.window, exp.train.augment)
-    if not np.isfinite(train).all():
-        raise DataError(f"{augmented}: holds NaN or infinite values (expected finite normalised prices)")
+    train, val, _, _ = read_training_data(p, exp)
     device = pick_device(exp.train.device)
     log_line(f"replicate seed {args.seed} of {replicated}: {exp.epochs} epochs on {len(train):,} samples "
-             f"({exp.train.augment}), mask {exp.mask}, snapshots after epochs {snapshots}, device {device.type}")
+             f"({exp.augment}), mask {exp.mask}, snapshots after epochs {snapshots}, device {device.type}")
     name = f"replicate_seed{args.seed}"
+    augmented = paths.augmented(exp.augment)
     fingerprint = resume_fingerprint(
-        exp, args.seed, {UNLABELED: file_digest(UNLABELED), str(augmented): file_digest(augmented),
+        exp, args.seed, {paths.UNLABELED: file_digest(paths.UNLABELED), augmented: file_digest(augmented),
                          "snapshots": ",".join(map(str, snapshots))}, device.type
     )
     resume = resume_path_for(name)

@@ -23,15 +23,8 @@ from moola.models import load_autoencoder, load_encoder_checkpoint
 from moola.params import FEATURES, PARAMS_FILE, Params, PretrainParams, load_params
 from moola.pretraining import EpochMasks, masked_validation_loss, read_unlabeled, validation_masks
 from moola.selection import assess, choose, selection_report
-from moola.windows import UNLABELED
 
-SELECTED_ENCODER = Path(paths.SELECTED_ENCODER)
-SELECT_METRICS = Path(paths.SELECT_METRICS)
 CURVE_COLUMNS = ("epoch", "train_loss", "val_loss")
-
-
-def encoder_path(exp: str) -> Path:
-    return Path(paths.encoder(exp))
 
 
 def metrics_path(exp: str) -> Path:
@@ -78,7 +71,7 @@ def mask_settings(strategy: str, exp_train: PretrainParams) -> tuple:
 
 def common_validation(p: Params, root: Path) -> tuple[np.ndarray, EpochMasks, dict]:
     """The common validation set: (validation windows, their masks, a description for metrics/select.json)."""
-    _, val = read_unlabeled(root / UNLABELED, p.data.window)  # the split pretraining validates on
+    _, val = read_unlabeled(root / paths.UNLABELED, p.data.window)  # the split pretraining validates on
     masks = validation_masks(p.mask, p.pretrain, len(val), p.data.window, len(FEATURES), p.seed)
     described = {
         "windows": len(val),
@@ -115,7 +108,7 @@ def select(root: Path = Path(".")) -> dict:
         metrics = read_metrics(root / metrics_path(name))
         curve = read_curve(root / curve_path(name))
         hidden, problem, common, common_problem = None, None, None, None
-        path = root / encoder_path(name)
+        path = root / paths.encoder(name)
         try:
             checkpoint = load_encoder_checkpoint(path)
             hidden = int(checkpoint.hyperparams["hidden_size"])
@@ -130,16 +123,16 @@ def select(root: Path = Path(".")) -> dict:
         cand.own_masks_are_common = mask_settings(exp.mask, exp.train) == common_settings
         candidates.append(cand)
     chosen = choose(candidates, p.select.fallback, p.select.compare_on)
-    report = selection_report(candidates, chosen, str(encoder_path(chosen.name)), p.select.compare_on, described)
+    report = selection_report(candidates, chosen, paths.encoder(chosen.name), p.select.compare_on, described)
     for c in candidates:
         print(f"{c.name}: {report['candidates'][c.name]['reason']}", flush=True)
     # The exact bytes: data/selected/encoder.pt hashes the same as the chosen experiment's file.
     with io.written_together():
-        io.write_bytes(root / SELECTED_ENCODER, (root / encoder_path(chosen.name)).read_bytes())
-        io.write_json(root / SELECT_METRICS, report)
+        io.write_bytes(root / paths.SELECTED_ENCODER, (root / paths.encoder(chosen.name)).read_bytes())
+        io.write_json(root / paths.SELECT_METRICS, report)
     common = "none" if chosen.common_val_loss is None else f"{chosen.common_val_loss:.4g}"
     print(f"selected {chosen.name} by {p.select.compare_on} val loss (common {common}, own-mask best "
-          f"{chosen.best_val_loss:.4g}) -> {SELECTED_ENCODER}", flush=True)
+          f"{chosen.best_val_loss:.4g}) -> {paths.SELECTED_ENCODER}", flush=True)
     return report
 
 

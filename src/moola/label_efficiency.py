@@ -20,11 +20,13 @@ import torch
 from sklearn.model_selection import train_test_split
 
 from moola import evaluation
-from moola.finetuning import FROM_ENCODER, NETWORK_INITS, FinetuneConfig, lifts_with_intervals, with_replicates
+from moola.finetuning import FROM_ENCODER, NETWORK_INITS, lifts_with_intervals, with_replicates
 from moola.fits import Fit, Shared, run_fits
+from moola.numerics import Numerics
+from moola.params import FinetuneParams
 
 MODELS = (*NETWORK_INITS, "logreg", "majority")
-CURVE_METRICS = ("accuracy", "balanced_accuracy", "mcc")
+SCORED_METRICS = ("accuracy", "balanced_accuracy", "mcc")
 
 
 def draw_labeled(labels: np.ndarray, size: int, seed: int) -> np.ndarray:
@@ -53,7 +55,7 @@ def run_curve(
     pool_values: np.ndarray,
     pool_labels: np.ndarray,
     heldout_values: np.ndarray,
-    cfg: FinetuneConfig,
+    ft: FinetuneParams,
     sizes: Sequence[int],
     seeds: Sequence[int],
     encoder_state: Mapping[str, torch.Tensor],
@@ -61,9 +63,11 @@ def run_curve(
     log: Callable[[str], None] = print,
     workers: int = 1,
     threads: int = 1,
+    numerics: Numerics | None = None,
 ) -> CurveResult:
     """Every model of MODELS trained on each size's draws; their held-out class predictions. The networks are
-    trained by moola.fits (`workers` processes of `threads` threads on the CPU)."""
+    trained by moola.fits (`workers` processes of `threads` threads on the CPU) with the settings of `ft`
+    (finetune:) and `numerics` (finetuning.train_fold)."""
     pool_labels = np.asarray(pool_labels, dtype=np.int64)
     runnable = sorted(n for n in sizes if n <= len(pool_labels))
     skipped = sorted(n for n in sizes if n > len(pool_labels))
@@ -73,7 +77,7 @@ def run_curve(
     keys = [(size, seed, init) for size in runnable for seed in seeds for init in NETWORK_INITS]
     jobs = [Fit(init, draws[(size, seed)], _train_seed(seed, size), "encoder" if init in FROM_ENCODER else None)
             for size, seed, init in keys]
-    shared = Shared(pool_values, pool_labels, heldout_values, {"encoder": encoder_state}, cfg,
+    shared = Shared(pool_values, pool_labels, heldout_values, {"encoder": encoder_state}, ft, numerics,
                     str(torch.device(device)), threads)
     trained = dict(zip(keys, run_fits(jobs, shared, workers)))
     predictions: dict[tuple[int, str], list[np.ndarray]] = {}
@@ -85,7 +89,7 @@ def run_curve(
                 run = trained[(size, seed, init)]
                 assert run.heldout_proba is not None
                 predictions.setdefault((size, init), []).append(run.heldout_proba.argmax(axis=1))
-            logreg = evaluation.logreg_proba(pool_features[idx], y, heldout_features, cfg.class_weighted)
+            logreg = evaluation.logreg_proba(pool_features[idx], y, heldout_features, ft.class_weighted)
             predictions.setdefault((size, "logreg"), []).append(logreg.argmax(axis=1))
             majority = evaluation.majority_proba(y, len(heldout_values))
             predictions.setdefault((size, "majority"), []).append(majority.argmax(axis=1))
@@ -116,7 +120,7 @@ def curve_report(
         predicted = {model: with_replicates(model, result.predictions[(size, model)][:, order]) for model in MODELS}
         for model in MODELS:
             scores = {}
-            for metric in CURVE_METRICS:
+            for metric in SCORED_METRICS:
                 interval = evaluation.bootstrap_interval(labels, predicted[model], metric, res)
                 if interval.get("undefined"):  # one class only (data.allow_one_class_test): null, not a number
                     scores[metric] = {**interval, "seed_min": None, "seed_max": None}
@@ -127,11 +131,11 @@ def curve_report(
             entry[model] = scores
             rows.append({"labels": size, "model": model, **{
                 f"{metric}{suffix}": scores[metric][key]
-                for metric in CURVE_METRICS
+                for metric in SCORED_METRICS
                 for suffix, key in (("", "point"), ("_low", "ci_low"), ("_high", "ci_high"))
             }})
-        entry.update(lifts_with_intervals(labels, predicted, CURVE_METRICS, res))
+        entry.update(lifts_with_intervals(labels, predicted, SCORED_METRICS, res))
         per_size[str(size)] = entry
-    columns = ["labels", "model"] + [f"{m}{s}" for m in CURVE_METRICS for s in ("", "_low", "_high")]
+    columns = ["labels", "model"] + [f"{m}{s}" for m in SCORED_METRICS for s in ("", "_low", "_high")]
     table = pd.DataFrame(rows, columns=columns)
     return per_size, table

@@ -18,8 +18,10 @@ import pandas as pd
 import torch
 
 from moola import evaluation
-from moola.finetuning import FinetuneConfig, lifts_with_intervals
+from moola.finetuning import lifts_with_intervals
 from moola.fits import Fit, Shared, run_fits
+from moola.numerics import Numerics
+from moola.params import FinetuneParams
 
 BUDGET_METRICS = evaluation.HELDOUT_LIFT_METRICS
 SCRATCH_ROWS = ("scratch", "scratch_same_schedule")
@@ -49,7 +51,7 @@ def run_budget(
     values: np.ndarray,
     labels: np.ndarray,
     heldout_values: np.ndarray,
-    cfg: FinetuneConfig,
+    ft: FinetuneParams,
     snapshots: Mapping[str, Mapping[str, torch.Tensor]],
     epochs: Sequence[int],
     replicates: Sequence[str],
@@ -57,8 +59,10 @@ def run_budget(
     device: torch.device | str = "cpu",
     workers: int = 1,
     threads: int = 1,
+    numerics: Numerics | None = None,
 ) -> BudgetResult:
-    """Train every fit of the curve (moola.fits) on all of `values`; `snapshots` maps snapshot_key -> weights."""
+    """Train every fit of the curve (moola.fits) on all of `values`, with the settings of `ft` (finetune:) and
+    `numerics` (finetuning.train_fold); `snapshots` maps snapshot_key -> weights."""
     rows = np.arange(len(labels))
     keys: list[tuple] = []
     jobs: list[Fit] = []
@@ -70,7 +74,7 @@ def run_budget(
             for replicate in replicates:
                 keys.append(("pretrained", seed, epoch, replicate))
                 jobs.append(Fit("pretrained", rows, _train_seed(seed), snapshot_key(replicate, epoch)))
-    shared = Shared(values, np.asarray(labels, dtype=np.int64), heldout_values, snapshots, cfg,
+    shared = Shared(values, np.asarray(labels, dtype=np.int64), heldout_values, snapshots, ft, numerics,
                     str(torch.device(device)), threads)
     trained = {key: run.heldout_proba.argmax(axis=1) for key, run in zip(keys, run_fits(jobs, shared, workers))}
     pretrained = {
