@@ -70,9 +70,13 @@ study: $(STAMP)
 deep: $(STAMP)
 	PATH="$(abspath $(BIN)):$$PATH" moola deep $(ARGS)
 
-# The README's test command.
+# The README's test command: two worker processes (pytest-xdist), each test file whole in one of them (--dist
+# loadfile: a file's module fixtures are built once). The tests' pipelines train with one torch thread (conftest.TINY),
+# so two workers fill two cores without oversubscribing them; a session fixture (the reference run) is built once per
+# worker that needs it. TEST_WORKERS=1 runs the suite in one process, as `python -m pytest` does.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	PATH="$(abspath $(BIN)):$$PATH" python -m pytest -q $(ARGS)
+	PATH="$(abspath $(BIN)):$$PATH" python -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(ARGS)
 
 # The unit tests alone (no DVC run, no repository copy): the loop to run while editing.
 test-fast: $(STAMP)

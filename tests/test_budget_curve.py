@@ -1,9 +1,11 @@
 """The pretraining-budget curve: its report on predictions made up to know the answer, its fits on real tensors, and
-`dvc repro budget_curve` for real (replicates with their snapshots, the curve, its plots, dvc.lock)."""
+the stage for real (replicates with their snapshots, the curve, its plots, dvc.lock), over the session's reference
+run: what `dvc repro budget_curve` runs, and budget_curve run again without finetune's and label_curve's outputs."""
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -14,13 +16,16 @@ import yaml
 from sklearn.metrics import balanced_accuracy_score, matthews_corrcoef
 from torch import nn
 
-from conftest import make_repo, run
+from conftest import run
 from moola import finetuning, pretraining_budget
 from moola.pretraining_budget import BudgetResult, budget_report, run_budget, snapshot_key
 from moola.evaluation import HELDOUT_LIFT_METRICS
 from moola.models import load_encoder_checkpoint
 from moola.params import load_params
+from pipeline_runs import stages_run, workspace_md5s
 from test_fits import CFG, HIDDEN, data  # the same small fits as tests/test_fits.py
+
+pytest_plugins = ["pipeline_runs"]
 
 LIFTS = ("lift", "lift_same_schedule")
 
@@ -165,21 +170,27 @@ def test_run_budget_shapes_and_scratch_rows_that_no_snapshot_changes(keep_torch_
 
 # --- the stage, for real -----------------------------------------------------------------------------------------
 
-# A small model (16 hidden units) at conftest's TINY scale; at this scale nothing learns much, so select's checks must
-# not reject every encoder (as tests/pipeline_runs.py).
-SMALL = {
-    "pretrain": {"hidden_size": 16, "decoder_hidden": 8},
-    "finetune": {"hidden_size": 16, "bootstrap": 50},
-    "select": {"max_val_loss_at_check": 10.0, "max_final_over_best": 100.0, "max_val_over_train": 100.0},
-}
 SEEDS = (101, 102)  # conftest.TINY's replicates.seeds
+BUDGET_OUTPUTS = ("plots/budget_curve.csv", "metrics/budget_curve.json")
 
 
 @pytest.fixture(scope="module")
-def repro(tmp_path_factory) -> tuple[Path, str]:
-    """One `dvc repro budget_curve` (and the stages it needs) in a fresh tiny repository: (repo, its output)."""
-    repo = make_repo(tmp_path_factory.mktemp("budget") / "repo", SMALL)
-    return repo, run(["dvc", "repro", "budget_curve"], repo).stdout
+def repro(reference_run, tmp_path_factory) -> tuple[Path, str, str]:
+    """A copy of the session's reference run (pipeline_runs: conftest.TINY, a 16-unit model, every stage run by one
+    `dvc repro`; budget_curve ignores its 2 folds): (repo, what `dvc repro budget_curve` would run, the output of
+    budget_curve run again).
+
+    The plan is `dvc repro --dry --force budget_curve`: every stage of budget_curve's pipeline, printed, none run.
+    Then finetune's and label_curve's outputs leave the workspace and budget_curve really runs again (--force: not
+    restored from the run-cache), so it is seen to need neither."""
+    repo = tmp_path_factory.mktemp("budget") / "repo"
+    shutil.copytree(reference_run.repo, repo, symlinks=True)
+    plan = run(["dvc", "repro", "--dry", "--force", "budget_curve"], repo).stdout
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+    for stage in ("finetune", "label_curve"):
+        for out in lock[stage]["outs"]:
+            (repo / out["path"]).unlink()
+    return repo, plan, run(["dvc", "repro", "--force", "--single-item", "budget_curve"], repo).stdout
 
 
 def budget_epochs(repo: Path) -> tuple[str, list[int]]:
@@ -191,10 +202,11 @@ def budget_epochs(repo: Path) -> tuple[str, list[int]]:
 @pytest.mark.integration
 @pytest.mark.slow
 def test_every_replicate_keeps_its_encoder_and_its_snapshots(repro):
-    repo, output = repro
-    ran = {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")}
-    assert {"select", "replicate@101", "replicate@102", "budget_curve"} <= ran
-    assert not {"finetune", "label_curve"} & ran  # budget_curve needs neither
+    repo, plan, output = repro
+    planned = set(stages_run(plan))
+    assert {"select", "replicate@101", "replicate@102", "budget_curve"} <= planned
+    assert not {"finetune", "label_curve"} & planned  # budget_curve needs neither
+    assert stages_run(output) == ["budget_curve"]
     selected, epochs = budget_epochs(repo)
     last = epochs[-1]
     assert epochs == [1, last] and 2 <= last <= 4  # TINY: 2 to 4 pretraining epochs, whichever is selected
@@ -219,8 +231,10 @@ def test_every_replicate_keeps_its_encoder_and_its_snapshots(repro):
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_budget_curve_scores_every_snapshot_epoch(repro):
-    repo, _ = repro
+def test_budget_curve_scores_every_snapshot_epoch(repro, reference_run):
+    repo, _, _ = repro
+    # Run again (no finetune or label_curve outputs in the workspace): the bytes of the reference run's.
+    assert workspace_md5s(repo, BUDGET_OUTPUTS) == {path: reference_run.outputs[path] for path in BUDGET_OUTPUTS}
     selected, epochs = budget_epochs(repo)
     curve = json.loads((repo / "metrics/budget_curve.json").read_text())
     assert curve["experiment"] == selected and curve["epochs"] == epochs
@@ -240,7 +254,7 @@ def test_budget_curve_scores_every_snapshot_epoch(repro):
 @pytest.mark.integration
 @pytest.mark.slow
 def test_dvc_records_the_replicates_and_plots_the_curve(repro):
-    repo, _ = repro
+    repo, _, _ = repro
     assert "Data and pipelines are up to date" in run(["dvc", "status", "--with-deps", "budget_curve"], repo).stdout
     lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
     for seed in SEEDS:

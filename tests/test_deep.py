@@ -31,9 +31,12 @@ from test_tour import SHRINK, run_in_copy
 pytest_plugins = ["pipeline_runs"]
 
 # The tour's shrink (a copy of the reference run's scale), and a replicate of 2 epochs instead of 75: DEEP_SET's own
-# snapshots (to epoch 64) would be refused, and one seed instead of the reference run's two.
+# snapshots (to epoch 64) would be refused, and one seed instead of the reference run's two. The reference run's
+# fp32 too: DEEP_SET's bf16 (test_deep_set_is_exp1_baseline_at_the_spec_depth) is a pretrain param, so it would
+# train all five experiments and select again; with it overridden they are the reference run's, and only the
+# replicate, finetune and budget_curve run.
 DEEP_SHRINK = [*SHRINK, "-S", "replicates.epochs=2", "-S", "replicates.snapshot_epochs=[1]",
-               "-S", "replicates.seeds=[101]"]
+               "-S", "replicates.seeds=[101]", "-S", "pretrain.precision=fp32"]
 RESUME = Path(".moola/resume/pretrain/replicate_seed101.pt")
 
 
@@ -119,12 +122,15 @@ def test_deep_replicates_exp1_baseline_and_draws_the_budget_curve_through_dvc(de
     assert " -S replicates.experiment=exp1_baseline " in command
     # DEEP_SET first, the user's options after: DVC applies -S in order, so the user's win.
     assert command.index(" -S replicates.epochs=75 ") < command.index(" -S replicates.epochs=2 ")
+    assert command.index(" -S pretrain.precision=bf16 ") < command.index(" -S pretrain.precision=fp32 ")
     ran = stages_run(out)
     assert {"replicate@101", "finetune", "budget_curve"} <= set(ran), ran
     assert "replicate@102" not in ran and "'label_curve'" not in out and "finetune_ablation" not in out
+    # Only what the pin and the replicate settings change runs: the pretraining runs and select are the reference's.
+    assert not [name for name in ran if name.startswith("pretrain@") or name == "select"], ran
     p = load_params(repo / "params.yaml")
     assert (p.replicates.experiment, p.replicates.epochs, p.replicates.seeds) == ("exp1_baseline", 2, [101])
-    assert (p.pretrain.precision, p.scale.windows) == ("bf16", 0.006)
+    assert (p.pretrain.precision, p.scale.windows) == ("fp32", 0.006)
 
     folder = repo / paths.replicate_dir(101)
     assert sorted(f.name for f in folder.iterdir()) == ["encoder.pt", "epoch_001.pt", "epoch_002.pt"]

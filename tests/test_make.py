@@ -55,7 +55,10 @@ def test_a_fresh_clone_creates_the_venv_installs_the_pinned_cpu_torch_and_the_pr
 def test_a_second_call_installs_nothing_and_starts_at_once(repo):
     installed(repo, age_seconds=60)
     assert plan(repo, "tour").strip().splitlines() == [f'PATH="{repo}/.venv/bin:$PATH" moola tour']
-    assert plan(repo, "test").strip().splitlines() == [f'PATH="{repo}/.venv/bin:$PATH" python -m pytest -q']
+    # Two worker processes, each test file whole in one (pytest-xdist, a dev dependency).
+    assert plan(repo, "test").strip().splitlines() == [
+        f'PATH="{repo}/.venv/bin:$PATH" python -m pytest -q -n 2 --dist loadfile']
+    assert plan(repo, "test", "TEST_WORKERS=1").strip().endswith("python -m pytest -q -n 1 --dist loadfile")
     assert plan(repo, "tour", "ARGS=-S mask=random").strip().endswith("moola tour -S mask=random")
     assert plan(repo, "study").strip().splitlines() == [f'PATH="{repo}/.venv/bin:$PATH" moola study']
 

@@ -4,6 +4,7 @@ foreign checkpoint never gets past a stage."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import torch
 import yaml
 
 from conftest import flip_bit_in_weights, make_repo, run
+from pipeline_runs import stages_run
 
 pytest_plugins = ["pipeline_runs"]
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -34,12 +36,19 @@ def lock_of(repo: Path) -> dict:
     return yaml.safe_load((repo / "dvc.lock").read_text())
 
 
-def test_killed_dvc_repro_resumes_to_the_lock_of_an_uninterrupted_run(tmp_path):
-    # Enough epochs (30) that the kill lands in the middle of training; a small encoder keeps each one short.
-    # A checkpoint after every epoch (resume_every_seconds 0): the kill must find one within seconds.
-    repo = make_repo(tmp_path / "repo", {"scale": {"epochs": 0.4},
-                                         "pretrain": {"hidden_size": 16, "decoder_hidden": 16,
-                                                      "resume_every_seconds": 0}})
+def test_killed_dvc_repro_resumes_to_the_lock_of_an_uninterrupted_run(reference_run, tmp_path):
+    # A copy of the session's reference run (pipeline_runs): its example market, prepared windows and augmented
+    # arrays are this stage's upstream, so `dvc repro pretrain@exp1_baseline` trains and runs nothing else.
+    # Enough epochs (30) that the kill lands in the middle of training; a small encoder (the reference run's 16
+    # units) keeps each one short. A checkpoint after every epoch (resume_every_seconds 0): the kill must find one
+    # within seconds.
+    repo = tmp_path / "repo"
+    shutil.copytree(reference_run.repo, repo, symlinks=True)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["scale"]["epochs"] = 0.4
+    params["pretrain"].update(hidden_size=16, decoder_hidden=16, resume_every_seconds=0)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    recorded = lock_of(repo)["stages"]["pretrain@exp1_baseline"]  # the reference run's 3 epochs
     env = {**os.environ, "PYTHONPATH": str(repo / "src"),
            "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"]}
     proc = subprocess.Popen(["dvc", "repro", "pretrain@exp1_baseline"], cwd=repo, env=env,
@@ -53,10 +62,11 @@ def test_killed_dvc_repro_resumes_to_the_lock_of_an_uninterrupted_run(tmp_path):
     proc.wait()
     killed_at = completed_epochs(repo / RESUME)
     assert not (repo / ENCODER).exists()
-    assert "pretrain@exp1_baseline" not in lock_of(repo).get("stages", {}) if (repo / "dvc.lock").exists() else True
+    assert lock_of(repo)["stages"]["pretrain@exp1_baseline"] == recorded  # the killed run recorded nothing
 
     resumed = run(["dvc", "repro", "pretrain@exp1_baseline"], repo).stdout
     assert f"Resuming from {RESUME}: epoch {killed_at} done" in resumed
+    assert stages_run(resumed) == ["pretrain@exp1_baseline"]  # its upstream is the reference run's
     assert not (repo / RESUME).exists()  # removed once the stage succeeded
     resumed_lock, resumed_bytes = lock_of(repo), (repo / ENCODER).read_bytes()
 
@@ -80,10 +90,21 @@ def foreign_pickle(path: Path) -> None:
 ENCODERS = {"selected": "data/selected/encoder.pt", "replicate": "data/replicates/seed101/encoder.pt"}
 
 
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> Path:
+    """A tiny repository (no git) whose example market and prepared windows are made: what finetune reads besides
+    the encoders. Made once; each case below damages an encoder in its own copy."""
+    repo = make_repo(tmp_path_factory.mktemp("prepared") / "repo", git=False)
+    run(["python", "-m", "moola.stages.example_market"], repo)
+    run(["python", "-m", "moola.stages.prepare"], repo)
+    return repo
+
+
 @pytest.mark.parametrize(("which", "damage"), [("selected", "truncated"), ("selected", "foreign pickle"),
                                                ("selected", "empty"), ("replicate", "foreign pickle")])
-def test_a_damaged_encoder_stops_finetune_in_one_line(tmp_path, which, damage):
-    repo = make_repo(tmp_path / "repo", git=False)
+def test_a_damaged_encoder_stops_finetune_in_one_line(prepared, tmp_path, which, damage):
+    repo = tmp_path / "repo"
+    shutil.copytree(prepared, repo, symlinks=True)
     torch.manual_seed(0)
     from moola.models import save_encoder_checkpoint
 
@@ -100,8 +121,6 @@ def test_a_damaged_encoder_stops_finetune_in_one_line(tmp_path, which, damage):
         foreign_pickle(encoder)
     else:
         encoder.write_bytes(b"")
-    run(["python", "-m", "moola.stages.example_market"], repo)
-    run(["python", "-m", "moola.stages.prepare"], repo)
     proc = run(["python", "-m", "moola.stages.finetune"], repo, check=False)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()

@@ -103,10 +103,10 @@ def needed_deps(repo: Path, files: set[str]) -> set[str]:
     return {f for f in files if f not in PLUMBING and not (f.endswith("__init__.py") and not (repo / f).read_text().strip())}
 
 
-def stage_modules(repo: Path) -> dict[str, set[str]]:
-    """Each stage -> the moola files its cmd module imports (transitively)."""
+def stage_modules(repo: Path, stages: dict[str, dict]) -> dict[str, set[str]]:
+    """Each stage of stage_table(repo) -> the moola files its cmd module imports (transitively)."""
     out, cache = {}, {}
-    for name, stage in stage_table(repo).items():
+    for name, stage in stages.items():
         match = re.search(r"python -m (moola(?:\.\w+)+)", stage["cmd"])
         assert match, f"{name}: cmd {stage['cmd']!r} does not run a moola module"
         if match.group(1) not in cache:
@@ -120,14 +120,24 @@ def project(tmp_path_factory) -> Path:
     return make_repo(tmp_path_factory.mktemp("deps") / "repo")
 
 
+@pytest.fixture(scope="module")
+def stages(project) -> dict[str, dict]:
+    return stage_table(project)
+
+
+@pytest.fixture(scope="module")
+def modules(project, stages) -> dict[str, set[str]]:
+    """The import scan (a fresh interpreter per stage module), made once for the two tests that read it."""
+    return stage_modules(project, stages)
+
+
 def test_plumbing_list_is_the_one_dvc_yaml_states():
     stated = re.findall(r"^#\s+plumbing:\s+(\S+)", (ROOT / "dvc.yaml").read_text(), flags=re.M)
     assert tuple(stated) == PLUMBING
     assert all((ROOT / path).is_file() for path in PLUMBING)
 
 
-def test_every_stage_lists_every_module_its_command_imports(project):
-    stages, modules = stage_table(project), stage_modules(project)
+def test_every_stage_lists_every_module_its_command_imports(project, stages, modules):
     # conftest.TINY's two replicate seeds: one replicate@<seed> entry each
     replicates = {"replicate@101", "replicate@102"}
     assert set(stages) >= set(DATA_STAGES) | replicates | {"budget_curve"} and len(stages) == 21
@@ -159,14 +169,34 @@ def ran(output: str) -> set[str]:
     return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")}
 
 
-def set_param(repo: Path, dotted: str, value) -> None:
-    params = yaml.safe_load((repo / "params.yaml").read_text())
+def with_param(text: str, dotted: str, value) -> str:
+    """params.yaml's text with one param set."""
+    params = yaml.safe_load(text)
     *path, last = dotted.split(".")
     node = params
     for key in path:
         node = node[key]
     node[last] = value
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return yaml.safe_dump(params, sort_keys=False)
+
+
+def set_param(repo: Path, dotted: str, value) -> None:
+    (repo / "params.yaml").write_text(with_param((repo / "params.yaml").read_text(), dotted, value))
+
+
+# What `dvc status --json` prints is Repo.status()'s dict, keyed by stage address ("augment@warp12_x4"); these
+# scripts ask the same API in one process for many edits instead of one `dvc status` start-up per edit. A fresh
+# Repo per question, as each CLI run had.
+DVC_STATUS = """\
+import json, sys
+from pathlib import Path
+from dvc.repo import Repo
+
+
+def status(targets=None):
+    with Repo(".") as repo:
+        return repo.status(targets=targets)
+"""
 
 
 @pytest.fixture
@@ -205,54 +235,77 @@ DATA_OUTPUTS = {
     "prepare": [UNLABELED, LABELED, LABEL_POOL, TEST],
     "augment@warp12_x4": ["data/augmented/warp12_x4.npy"],
 }
-# The three data stages' commands (what dvc.yaml runs), in one process: one start-up instead of three per param.
-STAGE_COMMANDS = [
-    ["python", "-c", "import sys\n"
-     "from moola.stages import augment, example_market, prepare\n"
-     "example_market.main()\n"
-     "prepare.main()\n"
-     "sys.argv = ['augment', '--recipe', 'warp12_x4']\n"
-     "augment.main()\n"],
-]
+# argv[1]: a JSON file {"targets": [...], "outputs": DATA_OUTPUTS, "perturbations": {param: params.yaml text}}. For
+# each perturbation: write params.yaml, ask `dvc status` (the API) over the targets, run the three data stages'
+# commands (what dvc.yaml runs, in this process), see whose outputs changed, and put params and outputs back (cheaper
+# than dvc checkout). Prints {"decided": {param: {"named", "changed"}}, "final": the status after all of them}.
+PERTURB_EACH = DVC_STATUS + """\
+import contextlib
+from moola.stages import augment, example_market, prepare
+
+job = json.loads(Path(sys.argv[1]).read_text())
+outputs = job["outputs"]
+params = Path("params.yaml")
+original = params.read_bytes()
 
 
-def output_bytes(repo: Path) -> dict[str, list[bytes]]:
-    return {stage: [(repo / p).read_bytes() for p in paths] for stage, paths in DATA_OUTPUTS.items()}
+def output_bytes():
+    return {stage: [Path(p).read_bytes() for p in paths] for stage, paths in outputs.items()}
+
+
+baseline = output_bytes()
+decided = {}
+with contextlib.redirect_stdout(sys.stderr):  # the stages' own lines: stdout carries the JSON alone
+    for dotted, text in job["perturbations"].items():
+        params.write_text(text)
+        named = sorted(status(job["targets"]))
+        example_market.main()
+        prepare.main()
+        sys.argv = ["augment", "--recipe", "warp12_x4"]
+        augment.main()
+        now = output_bytes()
+        decided[dotted] = {"named": named, "changed": sorted(s for s in outputs if now[s] != baseline[s])}
+        params.write_bytes(original)
+        for stage, paths in outputs.items():
+            for path, blob in zip(paths, baseline[stage]):
+                Path(path).write_bytes(blob)
+    final = status(job["targets"])
+print(json.dumps({"decided": decided, "final": final}, default=str))
+"""
 
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_each_param_that_changes_a_data_stage_output_makes_status_name_the_stage(data_repo):
+def test_each_param_that_changes_a_data_stage_output_makes_status_name_the_stage(data_repo, tmp_path):
     """For every scalar param a data stage could read (seed, mask, scale, data, augment; the recipe it runs): run the
     stages' commands by hand with the changed param; whichever stage's output changed, `dvc status` named first."""
     repo = data_repo
     original_params = (repo / "params.yaml").read_text()
-    baseline = output_bytes(repo)
     params = yaml.safe_load(original_params)
     sections = {k: params[k] for k in ("seed", "mask", "scale", "data")}
     sections["augment"] = {k: v for k, v in params["augment"].items() if k != "recipes"}
     sections["augment"]["recipes"] = {"warp12_x4": params["augment"]["recipes"]["warp12_x4"]}
-    decided = {}
+    perturbations = {}
     for dotted, value in scalar_leaves(sections):
         if dotted in ("data.bars", "data.labels", "data.test_labels"):  # the files themselves: the source tests below
             continue
         new = perturbed(dotted, value)
         assert new is not None, dotted
-        set_param(repo, dotted, new)
-        named = set(status(repo, *DATA_STAGES))
-        for cmd in STAGE_COMMANDS:
-            run(cmd, repo)
-        changed = {stage for stage, blobs in output_bytes(repo).items() if blobs != baseline[stage]}
+        perturbations[dotted] = with_param(original_params, dotted, new)
+    job = tmp_path / "perturbations.json"
+    job.write_text(json.dumps({"targets": DATA_STAGES, "outputs": DATA_OUTPUTS, "perturbations": perturbations}))
+    result = json.loads(run([sys.executable, "-c", PERTURB_EACH, str(job)], repo).stdout)
+    assert list(result["decided"]) == list(perturbations)
+    decided = {}
+    for dotted, seen in result["decided"].items():
+        named, changed = set(seen["named"]), set(seen["changed"])
         # Upstream first: a changed upstream output is a changed dep, which `dvc status` names once upstream re-ran.
         first = next((s for s in DATA_OUTPUTS if s in changed), None)
         if first is not None:
             assert first in named, f"params.yaml {dotted}: {first}'s output changed, but `dvc status` named {named}"
         decided[dotted] = sorted(changed)
-        (repo / "params.yaml").write_text(original_params)
-        for stage_name, paths in DATA_OUTPUTS.items():  # back to the recorded outputs (cheaper than dvc checkout)
-            for path, blob in zip(paths, baseline[stage_name]):
-                (repo / path).write_bytes(blob)
-    assert status(repo, *DATA_STAGES) == {}  # the restored workspace is what dvc.lock records
+    assert (repo / "params.yaml").read_text() == original_params
+    assert result["final"] == {}  # the restored workspace is what dvc.lock records
     # Non-vacuous: the perturbations really reach each stage's numbers.
     assert decided["seed"] == ["augment@warp12_x4", "example_market", "prepare"]
     assert decided["scale.windows"] == ["augment@warp12_x4", "prepare"]
@@ -290,13 +343,14 @@ def test_example_source_a_label_row_a_bar_and_a_param(data_repo):
     assert ran(run(["dvc", "repro", "-s", "prepare"], repo).stdout) == {"prepare"}
     assert not np.array_equal(read_windows(repo / UNLABELED).values[0], before)
 
+    # The param: named here; that a changed seed changes every data stage's output, and so re-runs it downstream,
+    # the per-param test shows (its decided["seed"]). A `dvc repro` here would re-prove only DVC's propagation.
     set_param(repo, "seed", 7)
     assert "example_market" in status(repo, *DATA_STAGES)
-    assert ran(run(["dvc", "repro", "augment"], repo).stdout) == set(DATA_STAGES)
 
 
 @pytest.mark.integration
-def test_user_files_a_label_row_a_bar_a_param_and_a_module(tmp_path):
+def test_user_files_a_label_row_a_bar_and_a_param(tmp_path):
     repo = make_repo(tmp_path / "repo")
     raw = repo / "data/raw"
     raw.mkdir(parents=True)
@@ -333,12 +387,8 @@ def test_user_files_a_label_row_a_bar_a_param_and_a_module(tmp_path):
     set_param(repo, "data.stride", 7)
     assert "prepare" in status(repo, "prepare")
     assert ran(run(["dvc", "repro", "prepare"], repo).stdout) == {"prepare"}
-
-    with open(repo / "src/moola/windows.py", "a") as fh:
-        fh.write("\n# an edit\n")
-    assert "prepare" in status(repo, "prepare")
-    assert ran(run(["dvc", "repro", "prepare"], repo).stdout) == {"prepare"}
-    assert status(repo, "prepare") == {}
+    # The module (windows.py): prepare's code deps do not depend on which files data.* names (only its data deps
+    # do), and test_an_edit_of_any_module_a_stage_imports_makes_status_name_it edits windows.py with the rest.
 
 
 @pytest.mark.integration
@@ -360,30 +410,55 @@ def test_a_plumbing_edit_reruns_nothing(data_repo):
     assert ran(out) == set() and "didn't change, skipping" in out
 
 
+# argv[1]: a JSON list of files. For each: append an edit, ask `dvc status` (the API) over the whole pipeline, put
+# the bytes back. Prints {"stages": every stage's address, "before": the status first, "named": {file: [stages]},
+# "after": the status last}. (The whole pipeline's status, not the importers' alone: each target costs DVC a parse
+# of dvc.yaml, and 21 targets take several times as long as none.)
+EDIT_EACH = DVC_STATUS + """\
+with Repo(".") as repo:
+    stages = sorted(stage.addressing for stage in repo.index.stages)
+before, named = status(), {}
+for rel in json.loads(sys.argv[1]):
+    path = Path(rel)
+    original = path.read_bytes()
+    path.write_bytes(original + b"\\n# an edit\\n")
+    try:
+        named[rel] = sorted(status())
+    finally:
+        path.write_bytes(original)
+print(json.dumps({"stages": stages, "before": before, "named": named, "after": status()}, default=str))
+"""
+
+UPSTREAM = {"example_market", "prepare"}
+AUGMENT = {"augment@warp12_x4", "augment@warp10_x3", "augment@warp15_x5"}
+
+
 @pytest.mark.integration
 @pytest.mark.slow
-def test_an_edit_of_any_module_a_stage_imports_makes_status_name_it(reference_run, tmp_path):
+def test_an_edit_of_any_module_a_stage_imports_makes_status_name_it(reference_run, modules, tmp_path):
     """Over a pipeline whose every stage really ran (pipeline_runs.reference_run): touch each non-plumbing module
     in turn; `dvc status` names every stage that imports it."""
     repo = tmp_path / "repo"
     shutil.copytree(reference_run.repo, repo, symlinks=True)
-    assert status(repo) == {}
-    modules = stage_modules(repo)
     importers: dict[str, set[str]] = {}
-    for stage, files in modules.items():
+    for stage, files in modules.items():  # the import scan of `project`: the same code and dvc.yaml as this copy
         for f in needed_deps(repo, files):
             importers.setdefault(f, set()).add(stage)
     assert len(importers) >= 12
+    originals = {rel: (repo / rel).read_bytes() for rel in importers}
+    result = json.loads(run([sys.executable, "-c", EDIT_EACH, json.dumps(sorted(importers))], repo).stdout)
+    assert result["stages"] == sorted(modules)  # the scan covered this pipeline's stages, all of them
+    assert result["before"] == {}
+    assert set(result["named"]) == set(importers)
     for rel, stages in sorted(importers.items()):
-        path = repo / rel
-        original = path.read_bytes()
-        path.write_bytes(original + b"\n# an edit\n")
-        named = set(status(repo))
+        named = set(result["named"][rel])
         assert stages <= named, f"{rel} changed, but `dvc status` did not name {sorted(stages - named)}"
-        path.write_bytes(original)
-    assert status(repo) == {}
-    # And `dvc repro` really re-runs: an edit of the augmentation core re-runs the three recipes, nothing upstream.
-    with open(repo / "src/moola/augmentation.py", "a") as fh:
-        fh.write("\n# an edit\n")
-    out = run(["dvc", "repro", "augment"], repo).stdout
-    assert ran(out) == {"augment@warp12_x4", "augment@warp10_x3", "augment@warp15_x5"}
+    assert all((repo / rel).read_bytes() == blob for rel, blob in originals.items())  # each edit was put back
+    assert result["after"] == {}
+    # No `dvc repro augment` after an edit of the augmentation core: that `dvc repro` re-runs the stages `dvc status`
+    # names, and their downstream, is DVC's own propagation. What it showed of this project (the three recipes
+    # re-ran, nothing upstream did) the status says: no upstream stage lists the augmentation code.
+    augment_only = [rel for rel, stages in importers.items() if stages == AUGMENT]
+    assert len(augment_only) >= 2, importers  # stages/augment.py and the augmentation core
+    for rel in augment_only:
+        assert not UPSTREAM & set(result["named"][rel]), f"{rel} changed, and `dvc status` named upstream stages"
