@@ -114,8 +114,18 @@ def s3_server(tmp_path_factory) -> S3Server:
         yield server
 
 
+# (endpoint, remote) -> the .dvc/config.local that configure_remote's `dvc remote modify` runs wrote into a
+# repository that had none: a later repository without one gets the same bytes, without four more DVC start-ups.
+_CONFIG_LOCAL: dict[tuple[str, str], str] = {}
+
+
 def configure_remote(repo: Path, server: S3Server, remote: str = "s3") -> None:
     """Point `remote` of `repo` at `server` the documented way: .dvc/config.local (never committed)."""
+    config = repo / ".dvc" / "config.local"
+    had_config = config.exists()
+    if not had_config and (server.endpoint, remote) in _CONFIG_LOCAL:
+        config.write_text(_CONFIG_LOCAL[(server.endpoint, remote)])
+        return
     settings = {
         "endpointurl": server.endpoint,
         "access_key_id": CREDENTIALS["AWS_ACCESS_KEY_ID"],
@@ -127,3 +137,5 @@ def configure_remote(repo: Path, server: S3Server, remote: str = "s3") -> None:
             [sys.executable, "-m", "dvc", "remote", "modify", "--local", remote, key, value],
             cwd=repo, check=True, capture_output=True, env={**os.environ, "DVC_NO_ANALYTICS": "1"},
         )
+    if not had_config:
+        _CONFIG_LOCAL[(server.endpoint, remote)] = config.read_text()

@@ -29,20 +29,6 @@ BUCKET = "moola-dvc"  # the bucket in .dvc/config's s3 url (s3://moola-dvc/moola
 PREFIX = "moola/"
 
 
-_CONFIG_LOCAL: dict[str, str] = {}  # an S3 server's endpoint -> the .dvc/config.local configure_remote wrote for it
-
-
-def configure(repo: Path, server: S3Server) -> None:
-    """s3server.configure_remote (four `dvc remote modify --local` runs) for a server's first clone; every later
-    clone gets a copy of the .dvc/config.local it wrote, the same bytes without four more DVC start-ups."""
-    config = repo / ".dvc" / "config.local"
-    if server.endpoint in _CONFIG_LOCAL:
-        config.write_text(_CONFIG_LOCAL[server.endpoint])
-    else:
-        configure_remote(repo, server)
-        _CONFIG_LOCAL[server.endpoint] = config.read_text()
-
-
 def cache_objects(repo: Path) -> set[str]:
     """md5s of the files in a repository's local DVC cache."""
     files = repo / ".dvc" / "cache" / "files" / "md5"
@@ -85,7 +71,7 @@ def test_a_fresh_clone_pulls_every_output_with_a_plain_dvc_pull_and_has_nothing_
     laptop = clone(reference_run.origin, tmp_path / "laptop")
     pull = ["dvc", "pull"]
     if remote == "s3":
-        configure(laptop, s3)  # .dvc/config.local: endpoint and credentials, no environment needed
+        configure_remote(laptop, s3)  # .dvc/config.local: endpoint and credentials, no environment needed
         pull += ["-r", "s3"]
     assert not any((laptop / p).exists() for p in reference_run.outputs)
 
@@ -100,7 +86,7 @@ def test_a_fresh_clone_pulls_every_output_with_a_plain_dvc_pull_and_has_nothing_
 
 def test_pulling_one_encoder_fetches_only_that_encoder(s3, reference_run, tmp_path):
     box = clone(reference_run.origin, tmp_path / "box")
-    configure(box, s3)
+    configure_remote(box, s3)
     encoder = "data/pretrained/exp1_baseline_encoder.pt"
     run(["dvc", "pull", "-r", "s3", encoder], box)
     present = {p for p in reference_run.outputs if (box / p).exists()}
@@ -117,7 +103,7 @@ def test_pulling_one_encoder_fetches_only_that_encoder(s3, reference_run, tmp_pa
 
 def test_another_machine_with_the_run_s_dvc_lock_runs_no_stage_and_downloads_nothing(s3, reference_run, tmp_path):
     other = clone(reference_run.origin, tmp_path / "other")
-    configure(other, s3)
+    configure_remote(other, s3)
     run(["dvc", "remote", "default", "--local", "s3"], other)
     out = run(["dvc", "repro", "--pull", "--allow-missing"], other).stdout
     assert stages_run(out) == []
@@ -169,7 +155,7 @@ def test_a_corrupted_object_on_the_remote_does_not_land_in_a_workspace(reference
         # The committed config has `verify = true`: dvc pull re-hashes what it downloads and drops the corrupted
         # file. A plain pull fails naming it, and only it: every other output is on the remote and checked out.
         laptop = clone(reference_run.origin, tmp_path / "laptop")
-        configure(laptop, s3)
+        configure_remote(laptop, s3)
         pulled = run(["dvc", "pull", "-r", "s3"], laptop, check=False)
         assert pulled.returncode == 1
         assert _checkout_failed(pulled.stderr) == [encoder]
@@ -187,7 +173,7 @@ def test_a_corrupted_object_on_the_remote_does_not_land_in_a_workspace(reference
         # What `verify = true` prevents: without it the flipped bytes are checked out, the pull succeeds, and
         # `dvc status` trusts them (it records the expected md5 for the file it just wrote).
         unverified = clone(reference_run.origin, tmp_path / "unverified")
-        configure(unverified, s3)
+        configure_remote(unverified, s3)
         run(["dvc", "remote", "modify", "--local", "s3", "verify", "false"], unverified)
         run(["dvc", "pull", "-r", "s3"], unverified)
         assert md5_of(unverified / encoder) != md5
@@ -211,7 +197,7 @@ def test_a_corrupted_object_on_the_remote_does_not_land_in_a_workspace(reference
         gone = reference_run.outputs[array]
         client.delete_object(Bucket=BUCKET, Key=f"{PREFIX}files/md5/{gone[:2]}/{gone[2:]}")
         short = clone(reference_run.origin, tmp_path / "short")
-        configure(short, s3)
+        configure_remote(short, s3)
         pulled = run(["dvc", "pull", "-r", "s3"], short, check=False)
         assert pulled.returncode == 1
         assert _checkout_failed(pulled.stderr) == sorted([array, encoder])

@@ -134,7 +134,8 @@ MaskStrategy = Literal["random", "block", "patch"]
 # What every entry of params.yaml's `experiments` states (its whole description), and what it may state besides.
 EXPERIMENT_REQUIRED = {"epochs": int, "augment": str, "mask_from": str}
 EXPERIMENT_OPTIONAL = {"mask": MaskStrategy}
-EXPERIMENT_KEYS = (*EXPERIMENT_REQUIRED, *EXPERIMENT_OPTIONAL, *(f.name for f in dataclasses.fields(PretrainParams)))
+EXPERIMENT_DESCRIPTION = {**EXPERIMENT_REQUIRED, **EXPERIMENT_OPTIONAL}  # key -> type; any other key overrides pretrain
+EXPERIMENT_KEYS = (*EXPERIMENT_DESCRIPTION, *(f.name for f in dataclasses.fields(PretrainParams)))
 
 
 @dataclass(frozen=True)
@@ -254,13 +255,13 @@ class Params:
                 f"{PARAMS_FILE}: experiments has no entry '{name}' (expected one of: {', '.join(self.experiments)})"
             )
         entry = self.experiments[name]
-        overrides = {k: v for k, v in entry.items() if k not in EXPERIMENT_REQUIRED and k not in EXPERIMENT_OPTIONAL}
+        overrides = {k: v for k, v in entry.items() if k not in EXPERIMENT_DESCRIPTION}
         return Experiment(
             name=name,
             mask=entry.get("mask", self.mask),
             train=dataclasses.replace(self.pretrain, **overrides),
             epochs=max(1, round(entry["epochs"] * self.scale.epochs)),
-            recipe=self.augment.recipes[entry["augment"]],
+            recipe=self.recipe(entry["augment"]),
             augment=entry["augment"],
         )
 
@@ -307,8 +308,8 @@ def _validate_experiments(raw: Any, recipes: Mapping[str, AugmentRecipe]) -> dic
         clean = {}
         for key, value in entry.items():
             dotted = f"experiments.{name}.{key}"
-            if key in EXPERIMENT_REQUIRED or key in EXPERIMENT_OPTIONAL:
-                clean[key] = convert(value, {**EXPERIMENT_REQUIRED, **EXPERIMENT_OPTIONAL}[key], dotted)
+            if key in EXPERIMENT_DESCRIPTION:
+                clean[key] = convert(value, EXPERIMENT_DESCRIPTION[key], dotted)
             elif key in pretrain_fields:
                 clean[key] = convert(value, pretrain_hints[key], dotted)
                 apply_rules(clean[key], pretrain_fields[key].metadata.get("rules", {}), dotted)

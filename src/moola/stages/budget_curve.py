@@ -85,9 +85,11 @@ def run(p: Params) -> None:
           f"{fit_placement(ft, device)}", flush=True)
     with attention_kernels(device, ft.deterministic):
         result = pretraining_budget.run_budget(labeled.values, labeled.label, test.values, ft, snapshots, epochs,
-                                         replicates, ft.seeds, device, ft.workers, ft.threads, numerics=numerics)
+                                               replicates, ft.seeds, device, ft.workers, ft.threads,
+                                               numerics=numerics)
     order = np.argsort(test.start, kind="stable")
-    report, table = pretraining_budget.budget_report(test.label, result, ft.bootstrap, p.seed, ft.bootstrap_block, order)
+    report, table = pretraining_budget.budget_report(test.label, result, ft.bootstrap, p.seed, ft.bootstrap_block,
+                                                     order)
     report = {"experiment": experiment, "labeled_windows": len(labeled), "epochs_finetune": ft.epochs,
               "precision": numerics.ran, **report}
     for epoch, entry in report["by_epoch"].items():

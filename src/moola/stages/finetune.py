@@ -212,14 +212,15 @@ def write_outputs(result: finetuning.OofResult, report: dict, test: Windows | No
         io.write_text(paths.HELDOUT_CONFUSION, heldout_confusion_csv(
             test.label if result.heldout else [],
             {init: proba.reshape(-1, *proba.shape[-2:]).mean(axis=0) for init, proba in result.heldout.items()}))
-        io.write_text(paths.FINETUNE_CURVES, result.curves.to_csv(index=False, float_format="%.6f", lineterminator="\n"))
+        io.write_text(paths.FINETUNE_CURVES,
+                      result.curves.to_csv(index=False, float_format="%.6f", lineterminator="\n"))
         io.write_text(paths.FINETUNE_LIFT_PER_SEED, finetuning.pair_lift_table(report["heldout"]).to_csv(
             index=False, float_format="%.6f", lineterminator="\n"))
         io.write_json(paths.FINETUNE_METRICS, report)
         # The encoder's own record of its validation loss: no dep on select's report.
         # Not sorted: the lift first, as `dvc exp show` and `dvc metrics diff` list the keys in file order.
-        io.write_json(paths.ANSWER, answer.headline(report, report["selected_encoder"], checkpoint.training["best_val_loss"]),
-                      sort_keys=False)
+        headline = answer.headline(report, report["selected_encoder"], checkpoint.training["best_val_loss"])
+        io.write_json(paths.ANSWER, headline, sort_keys=False)
     print(f"wrote {paths.ANSWER}, {paths.FINETUNE_METRICS}, {paths.OOF_PREDICTIONS}", flush=True)
 
 

@@ -93,6 +93,12 @@ def read_training_data(p: Params, exp: Experiment) -> tuple[np.ndarray, np.ndarr
     return train, val, len(windows), n_train
 
 
+def input_digests(exp: Experiment) -> dict[str, str]:
+    """The digests of the files the experiment trains on: part of its resume fingerprint (moola.resume)."""
+    augmented = paths.augmented(exp.augment)
+    return {paths.UNLABELED: file_digest(paths.UNLABELED), augmented: file_digest(augmented)}
+
+
 def write_outputs(p: Params, exp: Experiment, result: PretrainResult, peak_mib: float | None) -> None:
     """The encoder, its metrics, its curve and the runtime facts: all or none."""
     with io.written_together():
@@ -136,11 +142,9 @@ def main(argv: list[str] | None = None) -> None:
         f"{exp.name}: {exp.epochs} epochs, mask {exp.mask} {exp.train.mask_ratio:g}, recipe {exp.augment}, "
         f"precision {exp.train.precision}"
     )
-    augmented = paths.augmented(exp.augment)
-    digests = {paths.UNLABELED: file_digest(paths.UNLABELED), augmented: file_digest(augmented)}
     resume = resume_path_for(exp.name)
     result = pretrain(train, val, exp, p.seed, device=device, resume_path=resume,
-                      fingerprint=resume_fingerprint(exp, p.seed, digests, device.type))
+                      fingerprint=resume_fingerprint(exp, p.seed, input_digests(exp), device.type))
 
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
     if peak is not None:

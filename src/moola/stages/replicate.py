@@ -28,8 +28,8 @@ from moola.errors import DataError, ParamsError, run_main
 from moola.models import save_encoder_checkpoint
 from moola.params import PARAMS_FILE, Experiment, Params, load_params
 from moola.pretraining import encoder_hyperparams, log_line, pretrain
-from moola.resume import file_digest, resume_fingerprint, resume_path_for
-from moola.stages.pretrain import metrics, plot_csv, read_training_data
+from moola.resume import resume_fingerprint, resume_path_for
+from moola.stages.pretrain import input_digests, metrics, plot_csv, read_training_data
 
 
 def selected_experiment(p: Params, select_report: Path = Path(paths.SELECT_METRICS)) -> str:
@@ -83,10 +83,8 @@ def main(argv: list[str] | None = None) -> None:
     log_line(f"replicate seed {args.seed} of {replicated}: {exp.epochs} epochs on {len(train):,} samples "
              f"({exp.augment}), mask {exp.mask}, snapshots after epochs {snapshots}, device {device.type}")
     name = f"replicate_seed{args.seed}"
-    augmented = paths.augmented(exp.augment)
     fingerprint = resume_fingerprint(
-        exp, args.seed, {paths.UNLABELED: file_digest(paths.UNLABELED), augmented: file_digest(augmented),
-                         "snapshots": ",".join(map(str, snapshots))}, device.type
+        exp, args.seed, input_digests(exp) | {"snapshots": ",".join(map(str, snapshots))}, device.type
     )
     resume = resume_path_for(name)
     result = pretrain(train, val, exp, args.seed, device=device, resume_path=resume, fingerprint=fingerprint,
